@@ -1,0 +1,113 @@
+"""Causal sliding-window attention: training (full sequences) and decoding (against a KV cache).
+
+Semantics shared by every backend:
+  q: (B, T, H, D), k and v: (B, T, Hkv, D) with H a multiple of Hkv (GQA: query head h reads
+  kv head h // (H // Hkv)). Query t sees keys s with t - window < s <= t: `window` counts the keys
+  visible to a query, itself included; window=None (or window >= T) is plain causal attention.
+  Softmax scale defaults to 1/sqrt(D). Output (B, T, H, D) in q's dtype.
+
+Backends, in order of preference (see registry.py): fused kernels where available, PyTorch SDPA,
+then `reference`, the readable masked-softmax definition that every other backend is tested against.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from nanotrain.ops import registry
+
+
+def _check_shapes(q: Tensor, k: Tensor, v: Tensor, window: int | None) -> None:
+    if q.dim() != 4 or k.dim() != 4 or v.shape != k.shape:
+        raise ValueError(f"attention wants q (B,T,H,D) and k, v (B,T,Hkv,D); got {tuple(q.shape)}, "
+                         f"{tuple(k.shape)}, {tuple(v.shape)}")
+    if q.shape[-1] != k.shape[-1] or q.shape[0] != k.shape[0] or q.shape[2] % k.shape[2] != 0:
+        raise ValueError(f"attention: incompatible q {tuple(q.shape)} and k {tuple(k.shape)}")
+    if window is not None and window < 1:
+        raise ValueError(f"attention: window must be >= 1 (or None for full causal), got {window}")
+
+
+def window_mask(t_q: int, t_k: int, window: int | None, device: torch.device, q_offset: int = 0) -> Tensor:
+    """Boolean (t_q, t_k) mask, True where query i (at position q_offset + i) may see key j."""
+    qpos = torch.arange(t_q, device=device)[:, None] + q_offset
+    kpos = torch.arange(t_k, device=device)[None, :]
+    mask = kpos <= qpos
+    if window is not None:
+        mask &= kpos > qpos - window
+    return mask
+
+
+def reference(q: Tensor, k: Tensor, v: Tensor, window: int | None = None, scale: float | None = None) -> Tensor:
+    """Plain masked-softmax attention, computed in q's dtype with the softmax in float32.
+
+    q: (B, T, H, D), k/v: (B, T, Hkv, D) -> (B, T, H, D).
+    """
+    _check_shapes(q, k, v, window)
+    B, T, H, D = q.shape
+    groups = H // k.shape[2]
+    scale = 1.0 / math.sqrt(D) if scale is None else scale
+    qh = q.transpose(1, 2)                                   # (B, H, T, D)
+    kh = k.transpose(1, 2).repeat_interleave(groups, dim=1)  # (B, H, T, D)
+    vh = v.transpose(1, 2).repeat_interleave(groups, dim=1)
+    scores = (qh @ kh.transpose(-1, -2)).float() * scale     # (B, H, T, T)
+    scores = scores.masked_fill(~window_mask(T, k.shape[1], window, q.device), float("-inf"))
+    probs = scores.softmax(dim=-1).to(q.dtype)
+    return (probs @ vh).transpose(1, 2).contiguous()
+
+
+def reference_decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seqlens: Tensor,
+                     window: int | None = None, scale: float | None = None) -> Tensor:
+    """Attention of the newest Tq queries against a KV cache that already holds their keys.
+
+    q: (B, Tq, H, D); k_cache/v_cache: (B, Tmax, Hkv, D); cache_seqlens: (B,) int, the number of
+    valid cache positions per row (the Tq new tokens included), so the queries sit at positions
+    cache_seqlens - Tq ... cache_seqlens - 1. Returns (B, Tq, H, D).
+    """
+    B, Tq, H, D = q.shape
+    groups = H // k_cache.shape[2]
+    scale = 1.0 / math.sqrt(D) if scale is None else scale
+    out = torch.empty_like(q)
+    for b in range(B):
+        n = int(cache_seqlens[b])
+        kh = k_cache[b, :n].transpose(0, 1).repeat_interleave(groups, dim=0)  # (H, n, D)
+        vh = v_cache[b, :n].transpose(0, 1).repeat_interleave(groups, dim=0)
+        qh = q[b].transpose(0, 1)                                             # (H, Tq, D)
+        scores = (qh @ kh.transpose(-1, -2)).float() * scale                 # (H, Tq, n)
+        scores = scores.masked_fill(~window_mask(Tq, n, window, q.device, q_offset=n - Tq), float("-inf"))
+        out[b] = (scores.softmax(-1).to(q.dtype) @ vh).transpose(0, 1)
+    return out
+
+
+def sdpa(q: Tensor, k: Tensor, v: Tensor, window: int | None = None, scale: float | None = None) -> Tensor:
+    """PyTorch's scaled_dot_product_attention: its flash kernel when causal, a dense mask otherwise."""
+    _check_shapes(q, k, v, window)
+    T = q.shape[1]
+    qh, kh, vh = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    gqa = q.shape[2] != k.shape[2]
+    if window is None or window >= T:
+        out = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=scale, enable_gqa=gqa)
+    else:
+        mask = window_mask(T, T, window, q.device)
+        out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, scale=scale, enable_gqa=gqa)
+    return out.transpose(1, 2)
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, window: int | None = None, scale: float | None = None) -> Tensor:
+    """Causal sliding-window attention through the best available backend (see module doc)."""
+    backend = registry.select("attention", q.device, q.dtype, head_dim=q.shape[-1])
+    return backend.fn(q, k, v, window, scale)
+
+
+def attention_decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seqlens: Tensor,
+                     window: int | None = None, scale: float | None = None) -> Tensor:
+    """Decoding/prefill attention against a KV cache (see reference_decode)."""
+    backend = registry.select("attention_decode", q.device, q.dtype, head_dim=q.shape[-1])
+    return backend.fn(q, k_cache, v_cache, cache_seqlens, window, scale)
+
+
+registry.register("attention", "sdpa", sdpa, description="PyTorch SDPA (dense mask for sliding windows)")
+registry.register("attention", "reference", reference, description="pure-PyTorch masked softmax")
+registry.register("attention_decode", "reference", reference_decode, description="pure-PyTorch masked softmax")
