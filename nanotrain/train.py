@@ -1,0 +1,562 @@
+"""`nanotrain`: pretrain a GPT base model whose size, batch, learning rates and horizon follow from --depth.
+
+The story of a run, top to bottom: parse and validate the options; set up the device (and the
+process group under torchrun); load the tokenizer; build the model and work out the training plan
+from the scaling rules; resume if asked; convert to FP8 if asked; build the optimizer and the data
+loaders; then loop: evaluate, sample, save, and take one optimizer step, until the horizon, a
+signal, or a diverged loss ends the run. The math lives in scaling.py, model.py and optim.py.
+"""
+from __future__ import annotations
+
+import contextlib
+import gc
+import itertools
+import math
+import signal
+import sys
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+
+from nanotrain import __version__, distributed, scaling
+from nanotrain.config import TrainConfig, parse_args
+from nanotrain.distributed import Runtime
+from nanotrain.errors import UserError
+from nanotrain.monitor import Monitor, mfu, peak_flops, step_line
+from nanotrain.ops import registry
+
+SAMPLE_PROMPTS = (
+    "The capital of France is",
+    "The chemical symbol of gold is",
+    "If yesterday was Friday, then tomorrow will be",
+    "The opposite of hot is",
+    "The planets of the solar system are:",
+    "My favorite color is",
+    "If 5*x + 3 = 13, then x is",
+)
+
+
+class RunStopped(Exception):
+    """The run ended early on purpose (diverged loss, out of memory); the message says what to do."""
+
+    def __init__(self, message: str, exit_code: int = 1) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+@dataclass
+class LoopState:
+    """Everything besides model/optimizer/loader that a resumed run must continue from."""
+    step: int = 0
+    smooth_loss: float = 0.0
+    val_bpb: float | None = None
+    min_val_bpb: float = float("inf")
+    total_training_time: float = 0.0
+    timed_steps: int = 0
+
+
+# --------------------------------------------------------------------------------------------
+# Building blocks
+
+
+def model_config_for(cfg: TrainConfig, vocab_size: int, depth: int | None = None):
+    """The GPTConfig for a depth (default: --depth) under the run's shape options."""
+    from nanotrain.model import GPTConfig
+
+    depth = cfg.depth if depth is None else depth
+    model_dim, num_heads = scaling.model_shape(depth, cfg.aspect_ratio, cfg.head_dim)
+    return GPTConfig(sequence_len=cfg.max_seq_len, vocab_size=vocab_size, n_layer=depth, n_head=num_heads,
+                     n_kv_head=num_heads, n_embd=model_dim, window_pattern=cfg.window_pattern.upper())
+
+
+def build_model(model_config, device: torch.device | None = None, seed: int = 42):
+    """Build on the meta device (shapes only), then allocate on `device` and initialize; device=None stays meta."""
+    from nanotrain.model import GPT
+
+    with torch.device("meta"):
+        model = GPT(model_config)
+    if device is not None:
+        model.to_empty(device=device)
+        torch.manual_seed(seed)
+        model.init_weights()
+    return model
+
+
+def scaling_params(model) -> int:
+    """The parameter count the tokens:params ratio is measured against (matrices + head, as nanochat)."""
+    counts = model.num_scaling_params()
+    return counts["transformer_matrices"] + counts["lm_head"]
+
+
+def describe_device(rt: Runtime, mon: Monitor) -> float | None:
+    """Print the device line and return its peak BF16 FLOP/s (None on CPU/MPS or unknown GPUs)."""
+    if rt.device_type == "cuda":
+        name = torch.cuda.get_device_name(rt.device)
+        peak = peak_flops(name)
+        mon.print(f"GPU: {name} | Peak FLOPS (BF16): {peak:.2e}" if peak else
+                  f"GPU: {name} | Peak FLOPS (BF16): unknown (MFU not shown)")
+        return peak
+    mon.print(f"Device: {rt.device_type} ({torch.get_num_threads()} threads) | MFU not shown off-GPU")
+    return None
+
+
+def autocast_for(device: torch.device):
+    """bf16 autocast on CUDA (sm80+); float32 elsewhere."""
+    if device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 0):
+        return lambda: torch.amp.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext
+
+
+def use_compile(cfg: TrainConfig, device: torch.device) -> bool:
+    """torch.compile pays off on CUDA; on CPU the compile time outweighs the gain for small runs."""
+    return cfg.compile == "on" or (cfg.compile == "auto" and device.type == "cuda")
+
+
+def print_kernel_table(device: torch.device | None = None) -> None:
+    from nanotrain.ops._ext import extension_status
+
+    device = device or torch.device(distributed.autodetect_device_type())
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    print(f"extension nanotrain._C: {extension_status()}")
+    print(f"backends on {device} ({dtype}):")
+    for line in registry.report(device, dtype):
+        print("  " + line)
+
+
+class StopSignals:
+    """SIGTERM/SIGINT: finish the current step, save, exit with a resume hint. A second Ctrl-C exits at once."""
+
+    def __init__(self) -> None:
+        self.requested: str | None = None
+        self._old = {}
+
+    def __enter__(self) -> "StopSignals":
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = signal.Signals(signum).name
+        print(f"\n{self.requested} received: finishing this step, then saving a checkpoint "
+              "(Ctrl-C again to exit at once)", file=sys.stderr, flush=True)
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._old.items():
+            signal.signal(sig, handler)
+
+    def agreed(self, rt: Runtime) -> bool:
+        """Whether any rank was signalled (all ranks must stop at the same step)."""
+        flag = torch.tensor([1.0 if self.requested else 0.0], device=rt.device)
+        return bool(distributed.all_reduce_max(flag).item() > 0)
+
+
+# --------------------------------------------------------------------------------------------
+# The run
+
+
+def train(cfg: TrainConfig) -> LoopState:
+    rt = distributed.setup(cfg.device_type)
+    from nanotrain import checkpoint
+    from nanotrain.paths import checkpoint_dir
+
+    ckpt_dir = checkpoint_dir(cfg.tag, cfg.base_dir)
+    resuming = cfg.resume_from_step != -1
+    resume_step = checkpoint.resolve_step(ckpt_dir, cfg.resume_from_step) if resuming else None
+    mon = Monitor(master=rt.master, run=cfg.run, out_dir=ckpt_dir, config=cfg.to_dict(), resume=resuming)
+    mon.print(f"nanotrain {__version__} | torch {torch.__version__} | {rt.world_size} rank(s)")
+    peak = describe_device(rt, mon)
+    if cfg.fp8:
+        from nanotrain.ops.fp8 import check_fp8_supported
+        check_fp8_supported(rt.device)
+
+    # Tokenizer and data (fail here, before any work, when they are missing)
+    from nanotrain.data.loader import DataLoader
+    from nanotrain.data.shards import data_fingerprint
+    from nanotrain.data.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(cfg.base_dir)
+    token_bytes = tokenizer.token_bytes(device=rt.device)
+    mon.print(f"Vocab size: {tokenizer.vocab_size:,}")
+
+    # Model, then the plan that follows from its size
+    model_config = model_config_for(cfg, tokenizer.vocab_size)
+    mon.print(f"Model config: {asdict(model_config)}")
+    model = build_model(model_config, rt.device, cfg.seed)
+    counts = model.num_scaling_params()
+    mon.print("Parameter counts: " + ", ".join(f"{k} {v:,}" for k, v in counts.items()))
+    flops_per_token = model.estimate_flops()
+    mon.print(f"FLOPs per token (fwd+bwd): {flops_per_token:.3e}")
+    micro_tokens = cfg.device_batch_size * cfg.max_seq_len * rt.world_size
+    plan = scaling.plan_training(
+        scaling_params=scaling_params(model),
+        ref_scaling_params=scaling_params(build_model(model_config_for(cfg, tokenizer.vocab_size, scaling.REF_DEPTH))),
+        flops_per_token=flops_per_token, ratio=cfg.target_param_data_ratio, num_iterations_opt=cfg.num_iterations,
+        target_flops=cfg.target_flops, total_batch_size_opt=cfg.total_batch_size, weight_decay=cfg.weight_decay,
+        tokens_per_micro_step=micro_tokens)
+    report_plan(mon, cfg, plan, micro_tokens)
+
+    # Resume: weights now; optimizer, loader and loop state below
+    meta = run_meta(cfg, rt, model_config, tokenizer, data_fingerprint(cfg.base_dir), plan)
+    ckpt = None
+    if resuming:
+        ckpt = checkpoint.load_checkpoint(ckpt_dir, resume_step, rank=rt.rank, device=rt.device)
+        checkpoint.check_resume_compatible(ckpt.meta, meta)
+        model.load_state_dict(ckpt.model_state, strict=True)
+        mon.print(f"Resuming from step {ckpt.step} ({ckpt.path})")
+
+    if cfg.fp8:
+        from nanotrain.ops.fp8 import Float8Config, convert_to_float8
+        converted, total = convert_to_float8(model, Float8Config.from_recipe(cfg.fp8_recipe))
+        mon.print(f"✓ FP8 ({cfg.fp8_recipe} scaling): converted {converted} of {total} linear layers")
+
+    report_kernels(mon, rt, model_config)
+    orig_model = model
+    if use_compile(cfg, rt.device):
+        model = torch.compile(model, dynamic=False)
+        mon.print("torch.compile: on")
+
+    from nanotrain.optim import build_optimizer
+    optimizer = build_optimizer(
+        orig_model, embedding_lr=cfg.embedding_lr * plan.lr_scale, unembedding_lr=cfg.unembedding_lr * plan.lr_scale,
+        matrix_lr=cfg.matrix_lr * plan.lr_scale, scalar_lr=cfg.scalar_lr * plan.lr_scale,
+        weight_decay=plan.weight_decay, adam_betas=(cfg.adam_beta1, cfg.adam_beta2))
+    state = LoopState()
+    loader_state = None
+    if ckpt is not None:
+        optimizer.load_state_dict(ckpt.optim_state)
+        state = LoopState(**ckpt.meta["loop_state"])
+        loader_state = ckpt.rank_state["loader"]
+        checkpoint.restore_rng_state(ckpt.rank_state["rng"])
+        del ckpt
+
+    def make_train_loader(batch_size: int, state_dict=None) -> DataLoader:
+        return DataLoader(tokenizer, batch_size, cfg.max_seq_len, split="train", device=rt.device,
+                          base_dir=cfg.base_dir, rank=rt.rank, world_size=rt.world_size, state=state_dict)
+
+    def make_val_loader() -> DataLoader:
+        return DataLoader(tokenizer, cfg.device_batch_size, cfg.max_seq_len, split="val", device=rt.device,
+                          base_dir=cfg.base_dir, rank=rt.rank, world_size=rt.world_size)
+
+    train_loader = make_train_loader(cfg.device_batch_size, loader_state)
+    bundle_dir = None
+    if cfg.core_metric_every > 0:
+        from nanotrain.eval.core import ensure_eval_bundle
+        bundle_dir = ensure_eval_bundle(cfg.base_dir, bundle_dir=cfg.eval_bundle_dir) if rt.master else None
+        distributed.barrier()
+        bundle_dir = ensure_eval_bundle(cfg.base_dir, bundle_dir=cfg.eval_bundle_dir)
+
+    autocast = autocast_for(rt.device)
+    eval_context = fp8_off(orig_model)
+    num_iterations = plan.num_iterations
+    grad_accum = plan.grad_accum_steps
+    device_batch_size = cfg.device_batch_size
+    first_step = state.step
+    skip_timing = min(10, num_iterations // 10)  # the first steps include compilation and warm-up
+    train_iter = iter(train_loader)
+    x, y = next(train_iter)
+
+    with StopSignals() as stop:
+        while True:
+            step = state.step
+            last_step = step == num_iterations
+            flops_so_far = plan.flops_per_token * plan.total_batch_size * step
+
+            if cfg.eval_every > 0 and (last_step or step % cfg.eval_every == 0):
+                evaluate_val_bpb(cfg, rt, orig_model, make_val_loader, token_bytes, state, mon, autocast,
+                                 eval_context, flops_so_far)
+                mon.plot()
+            if bundle_dir is not None and (last_step or (step > first_step and step % cfg.core_metric_every == 0)):
+                evaluate_core_metric(cfg, rt, orig_model, tokenizer, bundle_dir, state, mon, autocast,
+                                     eval_context, flops_so_far)
+            if cfg.sample_every > 0 and rt.master and (last_step or (step > first_step and
+                                                                     step % cfg.sample_every == 0)):
+                print_samples(orig_model, tokenizer, mon, autocast, eval_context)
+
+            stopping = step > first_step and stop.agreed(rt)
+            periodic = cfg.save_every > 0 and step > first_step and step % cfg.save_every == 0
+            if last_step or periodic or stopping:
+                path = save(ckpt_dir, cfg, rt, orig_model, optimizer, train_loader, state, meta)
+                mon.print(f"Saved checkpoint: {path}")
+            if stopping:
+                mon.print(f"Stopped by {stop.requested or 'a signal on another rank'} at step {step}. "
+                          f"Resume with: nanotrain {resume_hint(cfg)} --resume-from-step=latest")
+                break
+            if last_step:
+                break
+
+            # One optimizer step: grad_accum micro-steps of forward/backward, then the update
+            synchronize(rt)
+            t0 = time.time()
+            try:
+                loss, x, y = train_micro_steps(model, x, y, train_iter, grad_accum, autocast)
+            except torch.OutOfMemoryError:
+                if step != first_step:
+                    raise
+                device_batch_size, grad_accum, train_loader, train_iter, x, y = handle_first_step_oom(
+                    cfg, rt, orig_model, optimizer, device_batch_size, grad_accum, make_train_loader, mon)
+                continue
+            apply_schedules(optimizer, plan, step, cfg)
+            optimizer.step()
+            orig_model.zero_grad(set_to_none=True)
+            loss_f = loss.item()
+            synchronize(rt)
+            dt = time.time() - t0
+
+            if not math.isfinite(loss_f):
+                raise RunStopped(diverged_message(ckpt_dir, step, loss_f), exit_code=3)
+            state.step = step + 1
+            beta = 0.9
+            state.smooth_loss = beta * state.smooth_loss + (1 - beta) * loss_f
+            smooth = state.smooth_loss / (1 - beta ** (state.step - first_step))
+            if step - first_step >= skip_timing:
+                state.total_training_time += dt
+                state.timed_steps += 1
+            avg = state.total_training_time / state.timed_steps if state.timed_steps else None
+            tok_per_sec = plan.total_batch_size / dt
+            mfu_pct = mfu(plan.flops_per_token, tok_per_sec, peak, rt.world_size)
+            lrm = lr_multiplier_at(step, num_iterations, cfg)
+            mon.print(step_line(step, num_iterations, smooth, lrm, dt, tok_per_sec, mfu_pct,
+                                state.total_training_time, avg * (num_iterations - state.step) if avg else None))
+            if step % 10 == 0 or state.step == num_iterations:
+                mon.log({"step": step, "total_training_flops": flops_so_far, "total_training_time":
+                         state.total_training_time, "train/loss": smooth, "train/lrm": lrm, "train/dt": dt,
+                         "train/tok_per_sec": tok_per_sec, "train/mfu": mfu_pct,
+                         "train/cropped_fraction": train_loader.cropped_fraction})
+            if step == first_step:  # setup garbage is done: keep the collector from stalling steps
+                gc.collect()
+                gc.freeze()
+
+    if rt.device_type == "cuda":
+        mon.print(f"Peak memory: {torch.cuda.max_memory_allocated(rt.device) / 2**30:.2f} GiB")
+    mon.print(f"Total training time: {state.total_training_time / 60:.2f}m")
+    if state.min_val_bpb < float("inf"):
+        mon.print(f"Minimum validation bpb: {state.min_val_bpb:.4f}")
+    mon.plot()
+    mon.finish()
+    return state
+
+
+# --------------------------------------------------------------------------------------------
+# Pieces of the loop
+
+
+def train_micro_steps(model, x, y, train_iter, grad_accum: int, autocast):
+    """Forward/backward over grad_accum micro-batches (gradients summed, loss averaged).
+    Returns the last micro-batch's loss and the next (x, y), fetched while the device works."""
+    loss = None
+    for _ in range(grad_accum):
+        with autocast():
+            loss = model(x, y)
+        (loss / grad_accum).backward()
+        x, y = next(train_iter)
+    return loss.detach(), x, y
+
+
+def lr_multiplier_at(step: int, num_iterations: int, cfg: TrainConfig) -> float:
+    from nanotrain.optim import lr_multiplier
+    return lr_multiplier(step, num_iterations, cfg.warmup_ratio, cfg.warmdown_ratio, cfg.final_lr_frac)
+
+
+def apply_schedules(optimizer, plan: scaling.TrainingPlan, step: int, cfg: TrainConfig) -> None:
+    """Set this step's LR (all groups), Muon momentum and Muon weight decay."""
+    from nanotrain.optim import muon_momentum, weight_decay_multiplier
+
+    lrm = lr_multiplier_at(step, plan.num_iterations, cfg)
+    momentum = muon_momentum(step, plan.num_iterations, cfg.warmdown_ratio)
+    wd = plan.weight_decay * weight_decay_multiplier(step, plan.num_iterations)
+    for group in optimizer.param_groups:
+        group["lr"] = group["initial_lr"] * lrm
+        if group["kind"] == "muon":
+            group["momentum"] = momentum
+            group["weight_decay"] = wd
+
+
+def fp8_off(model):
+    """The context that turns FP8 off for evaluation and sampling (a no-op without FP8)."""
+    try:
+        from nanotrain.ops.fp8 import disable_fp8
+    except ImportError:
+        return contextlib.nullcontext
+    return lambda: disable_fp8(model)
+
+
+def evaluate_val_bpb(cfg, rt, model, make_val_loader, token_bytes, state, mon, autocast, eval_context,
+                     flops_so_far) -> None:
+    from nanotrain.eval.bpb import evaluate_bpb
+
+    steps = max(1, cfg.eval_tokens // (cfg.device_batch_size * cfg.max_seq_len * rt.world_size))
+    model.eval()
+    with eval_context(), autocast():
+        bpb = evaluate_bpb(model, itertools.islice(iter(make_val_loader()), steps), steps, token_bytes)
+    model.train()
+    state.val_bpb = bpb
+    state.min_val_bpb = min(state.min_val_bpb, bpb)
+    mon.print(f"Step {state.step:05d} | Validation bpb: {bpb:.6f}")
+    mon.log({"step": state.step, "total_training_flops": flops_so_far,
+             "total_training_time": state.total_training_time, "val/bpb": bpb})
+
+
+def evaluate_core_metric(cfg, rt, model, tokenizer, bundle_dir, state, mon, autocast, eval_context,
+                         flops_so_far) -> None:
+    from nanotrain.eval.core import evaluate_core
+
+    model.eval()
+    with eval_context(), autocast():
+        results = evaluate_core(model, tokenizer, rt.device, bundle_dir=bundle_dir,
+                                max_per_task=cfg.core_metric_max_per_task)
+    model.train()
+    mon.print(f"Step {state.step:05d} | CORE metric: {results['core_metric']:.4f}")
+    mon.log({"step": state.step, "total_training_flops": flops_so_far,
+             "total_training_time": state.total_training_time, "core_metric": results["core_metric"]})
+
+
+def print_samples(model, tokenizer, mon, autocast, eval_context) -> None:
+    from nanotrain.eval.engine import sample_text
+
+    model.eval()
+    with eval_context(), autocast():
+        for text in sample_text(model, tokenizer, list(SAMPLE_PROMPTS), max_tokens=16):
+            mon.print(f"  sample: {text!r}")
+    model.train()
+
+
+def run_meta(cfg, rt, model_config, tokenizer, data_fp: str, plan) -> dict:
+    """What a checkpoint records about the run (for resume checks and for evaluation)."""
+    return {"model_config": asdict(model_config), "train_config": cfg.to_dict(), "world_size": rt.world_size,
+            "tokenizer_fingerprint": tokenizer.fingerprint, "data_fingerprint": data_fp,
+            "plan": asdict(plan), "code_version": __version__}
+
+
+def save(ckpt_dir, cfg, rt, model, optimizer, train_loader, state: LoopState, meta: dict):
+    from nanotrain import checkpoint
+
+    full_meta = dict(meta, step=state.step, val_bpb=state.val_bpb, loop_state=asdict(state))
+    rank_state = {"loader": train_loader.state_dict(), "rng": checkpoint.capture_rng_state()}
+    return checkpoint.save_checkpoint(
+        ckpt_dir, state.step, model.state_dict() if rt.master else {}, optimizer.state_dict(), full_meta,
+        rank_state=rank_state, rank=rt.rank, world_size=rt.world_size,
+        keep_last=cfg.keep_last if cfg.keep_last > 0 else None)
+
+
+def diverged_message(ckpt_dir, step: int, loss: float) -> str:
+    from nanotrain.checkpoint import latest_step
+
+    last = latest_step(ckpt_dir)
+    kept = (f"the last good checkpoint (step {last}) is kept; resume with --resume-from-step={last} and a "
+            "lower LR" if last is not None else "no checkpoint was saved yet (use --save-every to keep some)")
+    return f"training loss became {loss} at step {step}; stopped without saving it: {kept}"
+
+
+def resume_hint(cfg: TrainConfig) -> str:
+    """The options of this run, for the resume command we print."""
+    defaults = TrainConfig.__dataclass_fields__
+    parts = []
+    for name, f in defaults.items():
+        value = getattr(cfg, name)
+        if name == "resume_from_step" or value == f.default:
+            continue
+        flag = "--" + name.replace("_", "-")
+        parts.append(flag if value is True else f"{flag}={value}")
+    return " ".join(parts)
+
+
+def synchronize(rt: Runtime) -> None:
+    if rt.device_type == "cuda":
+        torch.cuda.synchronize(rt.device)
+
+
+def handle_first_step_oom(cfg, rt, model, optimizer, device_batch_size, grad_accum, make_train_loader, mon):
+    """Out of memory on the first step: with --oom-auto-batch halve the device batch (doubling the
+    accumulation so the total batch is unchanged) and go on; otherwise say which batch fits and stop."""
+    model.zero_grad(set_to_none=True)
+    gc.collect()
+    torch.cuda.empty_cache()
+    if device_batch_size == 1:
+        raise RunStopped("out of memory even at --device-batch-size=1; use a smaller --depth or --max-seq-len", 4)
+    new_bs = device_batch_size // 2
+    if not cfg.oom_auto_batch:
+        fits = largest_fitting_batch(model, new_bs, cfg.max_seq_len, rt, autocast_for(rt.device))
+        hint = (f"--device-batch-size={fits} fits" if fits else "even --device-batch-size=1 does not fit")
+        raise RunStopped(f"out of memory at --device-batch-size={device_batch_size}: {hint} (the total batch is kept "
+                         "by gradient accumulation); or pass --oom-auto-batch to halve it automatically", 4)
+    mon.warn(f"out of memory at --device-batch-size={device_batch_size}: halving to {new_bs} and doubling "
+             f"gradient accumulation to {grad_accum * 2} (the total batch is unchanged)")
+    loader = make_train_loader(new_bs)
+    it = iter(loader)
+    x, y = next(it)
+    return new_bs, grad_accum * 2, loader, it, x, y
+
+
+def largest_fitting_batch(model, start: int, seq_len: int, rt: Runtime, autocast) -> int | None:
+    """The largest power-of-two batch <= start for which one forward/backward fits in memory."""
+    bs = start
+    vocab = model.config.vocab_size
+    while bs >= 1:
+        try:
+            x = torch.randint(0, vocab, (bs, seq_len), device=rt.device)
+            with autocast():
+                model(x, x).backward()
+            model.zero_grad(set_to_none=True)
+            return bs
+        except torch.OutOfMemoryError:
+            model.zero_grad(set_to_none=True)
+            gc.collect()
+            torch.cuda.empty_cache()
+            bs //= 2
+    return None
+
+
+def report_plan(mon: Monitor, cfg: TrainConfig, plan: scaling.TrainingPlan, micro_tokens: int) -> None:
+    if plan.batch_size_source == "auto":
+        mon.print(f"Auto-computed total batch size: {plan.total_batch_size:,} tokens")
+    mon.print(f"Tokens per micro-step: {micro_tokens:,} | gradient accumulation steps: {plan.grad_accum_steps}")
+    mon.print(f"Iterations: {plan.num_iterations:,} (from {plan.horizon_source})")
+    mon.print(f"Total training tokens: {plan.total_tokens:,} | tokens:params ratio {plan.tokens_per_param:.2f} | "
+              f"training FLOPs {plan.total_flops:.3e}")
+    if plan.lr_scale != 1.0:
+        mon.print(f"Scaling LRs by {plan.lr_scale:.4f} for batch {plan.total_batch_size:,} (reference "
+                  f"{scaling.B_REF:,})")
+    if plan.weight_decay != cfg.weight_decay:
+        mon.print(f"Scaling weight decay from {cfg.weight_decay:.6f} to {plan.weight_decay:.6f} for depth {cfg.depth}")
+
+
+def report_kernels(mon: Monitor, rt: Runtime, model_config) -> None:
+    """Which backend serves each op, why, and what a slow fallback costs."""
+    dtype = torch.bfloat16 if rt.device_type == "cuda" else torch.float32
+    head_dim = model_config.n_embd // model_config.n_head
+    for line in registry.report(rt.device, dtype, {"attention": {"head_dim": head_dim},
+                                                   "attention_decode": {"head_dim": head_dim}}):
+        mon.print(line)
+    attention = registry.select("attention", rt.device, dtype, head_dim=head_dim)
+    if rt.device_type == "cuda" and attention.name in ("sdpa", "reference") and "S" in model_config.window_pattern:
+        mon.warn(f"attention runs on '{attention.name}', which computes every key of a sliding window "
+                 f"(pattern {model_config.window_pattern}): expect low GPU utilization; --window-pattern L avoids it")
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        cfg = parse_args(argv)
+        if cfg.kernels == "list":
+            print_kernel_table()
+            return 0
+        registry.set_overrides(cfg.kernels)
+        train(cfg)
+        return 0
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except RunStopped as e:
+        print(f"stopped: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("interrupted: exiting at once without saving", file=sys.stderr)
+        return 130
+    finally:
+        distributed.cleanup()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
