@@ -113,8 +113,9 @@ def plan_training(*, scaling_params: int, ref_scaling_params: int, flops_per_tok
     """Combine the rules above. `tokens_per_micro_step` = device batch x seq len x world size.
 
     The horizon in tokens for the batch-size and weight-decay rules comes from the ratio (10.5 if the
-    ratio option is off), as in nanochat, whatever option then fixes the step count; an auto batch is raised to at least one micro-step. A batch that is not a whole number of
-    micro-steps is refused by the caller (see `grad_accum_steps`).
+    ratio option is off), as in nanochat, whatever option then fixes the step count; an auto batch
+    is raised to at least one micro-step. A batch that is not a whole number of micro-steps is
+    refused (see `grad_accum_steps`).
     """
     eff_ratio = ratio if ratio > 0 else 10.5
     tokens = target_tokens(eff_ratio, scaling_params)
