@@ -1,0 +1,403 @@
+"""The DCLM CORE metric: 22 in-context-learning tasks, centered accuracy, mean over tasks.
+
+CORE (DCLM, arXiv 2406.11794) scores a base model on few-shot prompts of three kinds, each scored by
+the model's next-token losses with no sampling:
+  multiple_choice  one query, several answers: the answer with the lowest mean loss wins;
+  schema           several contexts, one continuation: the context under which the continuation has
+                   the lowest mean loss wins (Winograd-style);
+  language_modeling one context, one continuation: correct when greedy decoding reproduces every
+                   token of the continuation.
+A task's accuracy is centered against its random baseline b (percent): (acc - b/100) / (1 - b/100),
+so chance scores 0 and perfect scores 1; CORE is the mean centered accuracy over the tasks.
+
+Prompts are rendered as nanochat renders them (so full-task scores are comparable with nanochat's):
+each of the `num_fewshot` examples is "<prompt><delimiter><answer>\\n\\n", then the item itself. Rows
+of each task are shuffled with a fixed seed; the few-shot examples of row i are drawn with a seed
+that depends on i, from the whole task except row i. Unlike nanochat they are drawn from the whole
+task even when `max_per_task` keeps fewer rows, so a truncated run scores each kept row exactly as a
+full run would (and max_per_task smaller than num_fewshot + 1 works).
+
+The bundle layout (nanochat's eval_bundle): core.yaml (key `icl_tasks`), eval_data/<category>/*.jsonl,
+eval_meta_data.csv (columns `Eval Task`, `Random baseline`). `ensure_eval_bundle` finds or downloads it.
+"""
+from __future__ import annotations
+
+import contextlib
+import csv
+import fcntl
+import json
+import os
+import random
+import shutil
+import tempfile
+import time
+import urllib.error
+import urllib.request
+import zipfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ContextManager
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from nanotrain import paths
+from nanotrain.errors import UserError
+
+EVAL_BUNDLE_URL = "https://karpathy-public.s3.us-west-2.amazonaws.com/eval_bundle.zip"  # nanochat's address
+BUNDLE_ENV_VAR = "NANOTRAIN_EVAL_BUNDLE"  # points at an unpacked bundle folder, like --bundle-dir
+TASK_TYPES = ("multiple_choice", "schema", "language_modeling")
+SHUFFLE_SEED = 1337        # the order of each task's rows (nanochat's seed)
+FEWSHOT_SEED_BASE = 1234   # few-shot draw for row i uses seed FEWSHOT_SEED_BASE + i (nanochat's)
+
+
+# -----------------------------------------------------------------------------------------------
+# The bundle: find it, or download it once (ranks share one download through a file lock)
+
+def _is_bundle(folder: Path) -> bool:
+    return (folder / "core.yaml").is_file() and (folder / "eval_meta_data.csv").is_file()
+
+
+def ensure_eval_bundle(base_dir: str | os.PathLike | None = None, url: str = EVAL_BUNDLE_URL,
+                       bundle_dir: str | os.PathLike | None = None, timeout: float = 60.0) -> Path:
+    """The folder of the CORE bundle, downloading and unpacking it on first use.
+
+    Order: `bundle_dir` (e.g. --bundle-dir), then $NANOTRAIN_EVAL_BUNDLE, then <base>/eval_bundle; when the
+    last is missing it is downloaded from `url` under an exclusive fcntl lock (other ranks wait and then
+    find it) and unpacked into a temporary folder that is renamed into place, so a crash never leaves a
+    half-written bundle behind.
+    """
+    explicit = bundle_dir or os.environ.get(BUNDLE_ENV_VAR)
+    if explicit:
+        folder = Path(explicit).expanduser()
+        if not _is_bundle(folder):
+            raise UserError(f"{folder} is not a CORE eval bundle (no core.yaml and eval_meta_data.csv there); "
+                            f"point --bundle-dir (or ${BUNDLE_ENV_VAR}) at an unpacked eval_bundle folder")
+        return folder
+    target = paths.eval_bundle_dir(base_dir)
+    if _is_bundle(target):
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target.parent / ".eval_bundle.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        if _is_bundle(target):            # another rank (or process) finished it while we waited
+            return target
+        _download_and_unpack(url, target, timeout)
+    return target
+
+
+def _download_and_unpack(url: str, target: Path, timeout: float) -> None:
+    with tempfile.TemporaryDirectory(dir=target.parent, prefix=".eval_bundle_tmp_") as tmp:
+        archive = Path(tmp) / "eval_bundle.zip"
+        try:
+            with urllib.request.urlopen(url, timeout=timeout) as response, open(archive, "wb") as out:
+                shutil.copyfileobj(response, out, length=1 << 20)
+        except (urllib.error.URLError, OSError) as e:
+            raise UserError(f"could not download the CORE eval bundle from {url} ({e}); connect to the internet, "
+                            f"or pass --bundle-dir DIR (or set ${BUNDLE_ENV_VAR}) to an unpacked eval_bundle "
+                            f"folder, or unpack one at {target}") from None
+        unpacked = Path(tmp) / "unpacked"
+        try:
+            with zipfile.ZipFile(archive) as zf:
+                root = unpacked.resolve()
+                for name in zf.namelist():  # refuse members that would land outside the folder
+                    if not (unpacked / name).resolve().is_relative_to(root):
+                        raise UserError(f"the archive from {url} has an unsafe member path {name!r}; "
+                                        f"download the bundle by hand and pass --bundle-dir")
+                zf.extractall(unpacked)
+        except zipfile.BadZipFile:
+            raise UserError(f"the file downloaded from {url} is not a zip archive; check the address, or pass "
+                            f"--bundle-dir DIR to an unpacked eval_bundle folder") from None
+        found = [p.parent for p in sorted(unpacked.rglob("core.yaml")) if _is_bundle(p.parent)]
+        if not found:
+            raise UserError(f"the archive from {url} holds no core.yaml with eval_meta_data.csv beside it; "
+                            f"pass --bundle-dir DIR to an unpacked eval_bundle folder")
+        if target.exists():  # a leftover partial folder (never ours: we rename into place)
+            shutil.rmtree(target)
+        os.replace(found[0], target)
+
+
+# -----------------------------------------------------------------------------------------------
+# Tasks and prompt rendering
+
+@dataclass(frozen=True)
+class CoreTask:
+    """One ICL task of the bundle."""
+    label: str
+    task_type: str            # one of TASK_TYPES
+    num_fewshot: int
+    delimiter: str            # continuation delimiter between prompt and answer
+    random_baseline: float    # percent
+    data_path: Path
+
+
+def load_tasks(bundle_dir: str | os.PathLike, tasks: Sequence[str] | None = None) -> list[CoreTask]:
+    """The tasks listed in core.yaml (in its order), or the named subset of them."""
+    import yaml
+
+    bundle = Path(bundle_dir)
+    with open(bundle / "core.yaml") as f:
+        entries = yaml.safe_load(f)["icl_tasks"]
+    with open(bundle / "eval_meta_data.csv", newline="") as f:
+        baselines = {row["Eval Task"]: float(row["Random baseline"]) for row in csv.DictReader(f)}
+    out = []
+    for e in entries:
+        label = e["label"]
+        shots = e["num_fewshot"]
+        shots = int(shots[0] if isinstance(shots, list) else shots)
+        if e["icl_task_type"] not in TASK_TYPES:
+            raise UserError(f"task {label} in {bundle / 'core.yaml'} has unknown type {e['icl_task_type']!r}; "
+                            f"use one of {', '.join(TASK_TYPES)}")
+        if label not in baselines:
+            raise UserError(f"task {label} has no row in {bundle / 'eval_meta_data.csv'}; add its random baseline")
+        out.append(CoreTask(label, e["icl_task_type"], shots, e.get("continuation_delimiter", " "),
+                            baselines[label], bundle / "eval_data" / e["dataset_uri"]))
+    if tasks is not None:
+        known = {t.label for t in out}
+        unknown = [t for t in tasks if t not in known]
+        if unknown:
+            raise UserError(f"unknown CORE task(s) {', '.join(unknown)}; the bundle has: {', '.join(sorted(known))}")
+        out = [t for t in out if t.label in set(tasks)]
+    return out
+
+
+def load_rows(task: CoreTask) -> list[dict]:
+    """All rows of a task, in the seeded shuffled order every evaluation uses."""
+    with open(task.data_path, encoding="utf-8") as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    random.Random(SHUFFLE_SEED).shuffle(rows)
+    return rows
+
+
+def fewshot_indices(idx: int, num_rows: int, k: int) -> list[int]:
+    """The rows shown as few-shot examples for row `idx`: k distinct rows of the task other than idx.
+
+    Equal to nanochat's `Random(1234 + idx).sample([i for i in range(n) if i != idx], k)` without
+    building that list: sampling positions of range(n - 1) and skipping idx is the same draw.
+    """
+    k = min(k, num_rows - 1)
+    if k <= 0:
+        return []
+    picks = random.Random(FEWSHOT_SEED_BASE + idx).sample(range(num_rows - 1), k)
+    return [j + (j >= idx) for j in picks]
+
+
+def render_prompts(task_type: str, item: dict, delimiter: str, fewshot: Sequence[dict]) -> list[str]:
+    """The texts to score for one item: one per choice (multiple_choice), per context (schema), or the
+    [without, with] continuation pair (language_modeling)."""
+    if task_type == "multiple_choice":
+        shots = "".join(f"{ex['query']}{delimiter}{ex['choices'][ex['gold']]}\n\n" for ex in fewshot)
+        return [f"{shots}{item['query']}{delimiter}{choice}" for choice in item["choices"]]
+    if task_type == "schema":
+        shots = "".join(f"{ex['context_options'][ex['gold']]}{delimiter}{ex['continuation']}\n\n" for ex in fewshot)
+        return [f"{shots}{ctx}{delimiter}{item['continuation']}" for ctx in item["context_options"]]
+    if task_type == "language_modeling":
+        # Contexts are stripped: some carry trailing whitespace that would merge into the continuation's
+        # first token, and the prompt without the continuation must tokenize to a prefix of the one with it.
+        shots = "".join(f"{ex['context'].strip()}{delimiter}{ex['continuation']}\n\n" for ex in fewshot)
+        prompt = f"{shots}{item['context'].strip()}{delimiter}"
+        return [prompt.strip(), prompt + item["continuation"]]
+    raise ValueError(f"unsupported CORE task type {task_type!r}")
+
+
+def _common_prefix(seqs: Sequence[Sequence[int]]) -> int:
+    n = min(len(s) for s in seqs)
+    for i in range(n):
+        t = seqs[0][i]
+        if any(s[i] != t for s in seqs):
+            return i
+    return n
+
+
+def _common_suffix(seqs: Sequence[Sequence[int]]) -> int:
+    n = min(len(s) for s in seqs)
+    for i in range(1, n + 1):
+        t = seqs[0][-i]
+        if any(s[-i] != t for s in seqs):
+            return i - 1
+    return n
+
+
+@dataclass
+class _Example:
+    """One item ready for the model: token rows and, per row, the scored span [start, end)."""
+    rows: list[list[int]]
+    starts: list[int]
+    ends: list[int]
+    gold: int
+    task_type: str
+    task_index: int
+
+
+def _spans(task_type: str, tokens: list[list[int]]) -> tuple[list[list[int]], list[int], list[int]]:
+    """Scored spans; every span keeps at least one token and starts at position >= 1 (a token needs a
+    predecessor to be predicted), so odd tokenizations degrade gracefully instead of scoring nothing."""
+    if task_type == "multiple_choice":  # same context, different answers: score after the common prefix
+        start = min(_common_prefix(tokens), min(len(t) for t in tokens) - 1)
+        start = max(start, 1)
+        return tokens, [start] * len(tokens), [len(t) for t in tokens]
+    if task_type == "schema":  # different contexts, same continuation: score the common suffix
+        suffix = min(max(_common_suffix(tokens), 1), min(len(t) for t in tokens) - 1)
+        return tokens, [len(t) - suffix for t in tokens], [len(t) for t in tokens]
+    without, with_ = tokens
+    start = len(without) if with_[:len(without)] == without else _common_prefix(tokens)
+    start = max(1, min(start, len(with_) - 1))
+    return [with_], [start], [len(with_)]
+
+
+def _crop_left(rows: list[list[int]], starts: list[int], ends: list[int], max_len: int | None) -> None:
+    """Keep the last max_len tokens of each overlong row (the scored continuation sits at the end)."""
+    if max_len is None:
+        return
+    for i, row in enumerate(rows):
+        crop = len(row) - max_len
+        if crop > 0:
+            rows[i] = row[crop:]
+            starts[i] = max(1, starts[i] - crop)
+            ends[i] -= crop
+
+
+def _model_max_len(model: torch.nn.Module) -> int | None:
+    config = getattr(model, "config", None)
+    return getattr(config, "sequence_len", None)
+
+
+def _make_batches(examples: list[_Example], batch_size: int, max_batch_tokens: int) -> list[list[_Example]]:
+    """Group examples (longest first, so a batch pads little) into forwards of at most batch_size rows
+    and max_batch_tokens padded tokens; an example's rows always stay in one forward."""
+    order = sorted(examples, key=lambda ex: -max(len(r) for r in ex.rows))
+    batches: list[list[_Example]] = []
+    current: list[_Example] = []
+    rows = width = 0
+    for ex in order:
+        n, w = len(ex.rows), max(len(r) for r in ex.rows)
+        if current and (rows + n > batch_size or (rows + n) * max(width, w) > max_batch_tokens):
+            batches.append(current)
+            current, rows, width = [], 0, 0
+        current.append(ex)
+        rows += n
+        width = max(width, w)
+    if current:
+        batches.append(current)
+    return batches
+
+
+@torch.no_grad()
+def _score_batch(model: torch.nn.Module, batch: list[_Example], pad_id: int, device: torch.device,
+                 make_ctx: Callable[[], ContextManager]) -> list[bool]:
+    """One forward over every row of the batch's examples; returns whether each example is correct."""
+    rows = [r for ex in batch for r in ex.rows]
+    starts = [s for ex in batch for s in ex.starts]
+    ends = [e for ex in batch for e in ex.ends]
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)  # right padding: causal, so harmless
+    for i, r in enumerate(rows):
+        ids[i, :len(r)] = torch.tensor(r, dtype=torch.long)
+    ids = ids.to(device)
+    with make_ctx():
+        logits = model(ids)  # (R, W, V)
+    # Only the scored positions: position p predicts token p + 1.
+    row_idx = torch.cat([torch.full((e - s,), i, dtype=torch.long) for i, (s, e) in enumerate(zip(starts, ends))])
+    pos_idx = torch.cat([torch.arange(s - 1, e - 1, dtype=torch.long) for s, e in zip(starts, ends)])
+    row_idx, pos_idx = row_idx.to(device), pos_idx.to(device)
+    picked = logits[row_idx, pos_idx].float()              # (N, V)
+    targets = ids[row_idx, pos_idx + 1]                     # (N,)
+    nll = F.cross_entropy(picked, targets, reduction="none")  # (N,)
+    hit = picked.argmax(dim=-1) == targets                  # (N,)
+    nrows = len(rows)
+    counts = torch.tensor([e - s for s, e in zip(starts, ends)], dtype=torch.float32, device=device)
+    mean_loss = torch.zeros(nrows, device=device).index_add_(0, row_idx, nll) / counts        # (R,)
+    all_hit = torch.zeros(nrows, device=device).index_add_(0, row_idx, hit.float()) == counts  # (R,)
+    mean_loss, all_hit = mean_loss.tolist(), all_hit.tolist()
+    out, r = [], 0
+    for ex in batch:
+        n = len(ex.rows)
+        if ex.task_type == "language_modeling":
+            out.append(bool(all_hit[r]))
+        else:  # lowest mean loss wins; ties go to the first choice
+            losses = mean_loss[r:r + n]
+            out.append(losses.index(min(losses)) == ex.gold)
+        r += n
+    return out
+
+
+def _rank_world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _prepare_task(task: CoreTask, ti: int, tokenizer: Any, max_per_task: int | None, max_len: int | None,
+                  rank: int, world: int, totals: list[int]) -> list[_Example]:
+    """Render and tokenize this rank's share of a task's rows (appends the task's row count to totals)."""
+    rows = load_rows(task)
+    n = len(rows) if max_per_task is None or max_per_task < 0 else min(max_per_task, len(rows))
+    totals.append(n)
+    mine = list(range(rank, n, world))
+    prompts, sizes = [], []
+    for idx in mine:
+        shots = [rows[j] for j in fewshot_indices(idx, len(rows), task.num_fewshot)]
+        p = render_prompts(task.task_type, rows[idx], task.delimiter, shots)
+        prompts.extend(p)
+        sizes.append(len(p))
+    tokens = tokenizer.encode(prompts, prepend=tokenizer.bos_token_id) if prompts else []
+    examples, k = [], 0
+    for idx, size in zip(mine, sizes):
+        seqs, starts, ends = _spans(task.task_type, [list(t) for t in tokens[k:k + size]])
+        k += size
+        _crop_left(seqs, starts, ends, max_len)
+        examples.append(_Example(seqs, starts, ends, int(rows[idx].get("gold") or 0), task.task_type, ti))
+    return examples
+
+
+def evaluate_core(model: torch.nn.Module, tokenizer: Any, device: torch.device | str,
+                  bundle_dir: str | os.PathLike | None = None, max_per_task: int = -1,
+                  tasks: Sequence[str] | None = None, batch_size: int = 32, max_batch_tokens: int = 32768,
+                  max_seq_len: int | None = None, autocast_ctx: Callable[[], ContextManager] | None = None,
+                  base_dir: str | os.PathLike | None = None, verbose: bool = False) -> dict[str, Any]:
+    """Evaluate the CORE metric of `model` (its forward(idx (B, T)) must return logits (B, T, V)).
+
+    bundle_dir: an unpacked bundle (default: ensure_eval_bundle(base_dir), downloading on first use).
+    max_per_task: rows per task (-1 = all). tasks: labels to run (default all, in core.yaml order).
+    batch_size / max_batch_tokens: rows and padded tokens per forward (several examples share one).
+    max_seq_len: rows longer than this keep their last max_seq_len tokens (default: the model's
+    config.sequence_len). autocast_ctx: factory of the context each forward runs under (see bpb.py).
+    Under torch.distributed, rank r scores rows i with i % world_size == r and counts are all-reduced.
+
+    Returns {"results": {label: accuracy}, "centered_results": {label: centered accuracy},
+    "num_examples": {label: n}, "core_metric": mean centered accuracy, "seconds": wall time}.
+    """
+    t0 = time.perf_counter()
+    device = torch.device(device)
+    bundle = Path(bundle_dir) if bundle_dir is not None else ensure_eval_bundle(base_dir)
+    task_list = load_tasks(bundle, tasks)
+    max_len = max_seq_len if max_seq_len is not None else _model_max_len(model)
+    make_ctx = autocast_ctx or contextlib.nullcontext
+    rank, world = _rank_world()
+    bos = tokenizer.bos_token_id
+
+    correct = torch.zeros(len(task_list), dtype=torch.float64)
+    totals = []
+    for ti, task in enumerate(task_list):  # one task at a time keeps the tokenized rows small
+        examples = _prepare_task(task, ti, tokenizer, max_per_task, max_len, rank, world, totals)
+        for batch in _make_batches(examples, batch_size, max_batch_tokens):
+            correct[ti] += sum(_score_batch(model, batch, bos, device, make_ctx))
+    if world > 1:
+        reduced = correct.to(device)
+        dist.all_reduce(reduced, op=dist.ReduceOp.SUM)
+        correct = reduced.cpu()
+
+    results, centered, counts = {}, {}, {}
+    for ti, task in enumerate(task_list):
+        acc = float(correct[ti]) / max(totals[ti], 1)
+        base = 0.01 * task.random_baseline
+        results[task.label] = acc
+        centered[task.label] = (acc - base) / (1.0 - base)
+        counts[task.label] = totals[ti]
+        if verbose and rank == 0:
+            print(f"{task.label:<34} accuracy {acc:.4f}  centered {centered[task.label]:+.4f}  (n={totals[ti]})")
+    core = sum(centered.values()) / len(centered) if centered else float("nan")
+    return {"results": results, "centered_results": centered, "num_examples": counts,
+            "core_metric": core, "seconds": time.perf_counter() - t0}
