@@ -106,7 +106,7 @@ def validate(c: TrainConfig) -> None:
     if c.target_param_data_ratio != -1 and c.target_param_data_ratio <= 0:
         _fail("target_param_data_ratio", f"is {c.target_param_data_ratio}", "pass a positive ratio (e.g. 10.5) or -1")
     if c.num_iterations == -1 and c.target_flops == -1 and c.target_param_data_ratio == -1:
-        raise UserError("no training horizon: set one of --num-iterations, --target-flops or --target-param-data-ratio")
+        raise UserError("no training horizon; set one of --num-iterations, --target-flops or --target-param-data-ratio")
     if c.total_batch_size != -1 and c.total_batch_size < 1:
         _fail("total_batch_size", f"is {c.total_batch_size}", "pass a positive number of tokens or -1 (auto)")
     for name in ("embedding_lr", "unembedding_lr", "matrix_lr", "scalar_lr", "weight_decay"):

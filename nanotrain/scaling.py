@@ -26,11 +26,12 @@ def model_shape(depth: int, aspect_ratio: int = 64, head_dim: int = 128) -> tupl
 def window_sizes(pattern: str, n_layer: int, seq_len: int) -> list[int | None]:
     """Per-layer attention window (keys a query sees, itself included; None = full context).
 
-    The pattern is tiled over the layers; S is a short window of half the context, L is full
-    context, and the last layer is always L (the model must see the whole context at the end).
+    The pattern is tiled over the layers; S is a short window that looks back half the context
+    (seq_len // 2 keys before the query, plus the query itself: nanochat's (seq_len // 2, 0) window),
+    L is full context, and the last layer is always L (the model must see the whole context at the end).
     """
     pattern = pattern.upper()
-    short = -(-seq_len // 2)
+    short = seq_len // 2 + 1
     sizes: list[int | None] = [None if pattern[i % len(pattern)] == "L" else short for i in range(n_layer)]
     sizes[-1] = None
     return sizes
