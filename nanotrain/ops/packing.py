@@ -76,4 +76,22 @@ def pack_rows(tokens: Tensor, offsets: Tensor, num_rows: int, row_len: int) -> t
     return backend.fn(tokens, offsets, num_rows, row_len)
 
 
+def _cpp(tokens: Tensor, offsets: Tensor, num_rows: int, row_len: int) -> tuple[Tensor, Tensor, Tensor]:
+    """The C++ packer of nanotrain._C (csrc/data/best_fit_pack.cpp): the reference's rule, O(log) per pick."""
+    _check(tokens, offsets, num_rows, row_len)
+    return torch.ops.nanotrain.best_fit_pack(tokens, offsets, num_rows, row_len)
+
+
+def _cpp_check(device: torch.device, dtype: torch.dtype, **props) -> str | None:
+    from nanotrain.ops import _ext
+
+    if device.type != "cpu":
+        return f"the C++ packer runs on CPU tensors, not {device.type}"
+    if not _ext.has_op("best_fit_pack"):
+        return f"nanotrain._C is {_ext.extension_status()}" if _ext.load_extension() is None else \
+            f"nanotrain._C has no best_fit_pack op: {_ext.REINSTALL}"
+    return None
+
+
+registry.register("packing", "cpp", _cpp, _cpp_check, description="C++ best-fit packer (nanotrain._C)")
 registry.register("packing", "reference", reference, description="pure-Python best-fit packer")

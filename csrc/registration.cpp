@@ -1,0 +1,19 @@
+// The schema of every op of the nanotrain extension, callable from Python as torch.ops.nanotrain.<name>.
+//
+// One m.def per op, whatever its backends: the implementations register themselves per dispatch key
+// with TORCH_LIBRARY_IMPL(nanotrain, CPU|CUDA, m) in their own folder (data/, attention/, muon/, fp8/).
+// Fake (meta) implementations, used by torch.compile and opcheck, live in Python in
+// nanotrain/ops/_ext.py, which set_python_module names so torch can point to it when one is missing.
+#include <torch/library.h>
+
+TORCH_LIBRARY(nanotrain, m) {
+  m.set_python_module("nanotrain.ops._ext");
+
+  // Best-fit packing of a CSR document buffer into rows (nanotrain/ops/packing.py is the spec).
+  m.def(
+      "best_fit_pack(Tensor tokens, Tensor offsets, int num_rows, int row_len)"
+      " -> (Tensor rows, Tensor consumed, Tensor cropped)");
+
+  // y = relu(x)^2 elementwise (the MLP activation); CPU and CUDA implementations.
+  m.def("relu_squared(Tensor x) -> Tensor");
+}
