@@ -71,16 +71,14 @@ def model_config_for(cfg: TrainConfig, vocab_size: int, depth: int | None = None
 
 
 def build_model(model_config, device: torch.device | None = None, seed: int = 42):
-    """Build on the meta device (shapes only), then allocate on `device` and initialize; device=None stays meta."""
-    from nanotrain.model import GPT
+    """The model, initialized on `device` with `seed`; device=None builds it on the meta device (shapes only)."""
+    from nanotrain import model as gpt
 
-    with torch.device("meta"):
-        model = GPT(model_config)
-    if device is not None:
-        model.to_empty(device=device)
-        torch.manual_seed(seed)
-        model.init_weights()
-    return model
+    if device is None:
+        with torch.device("meta"):
+            return gpt.GPT(model_config)
+    torch.manual_seed(seed)
+    return gpt.build_model(model_config, device)
 
 
 def scaling_params(model) -> int:
@@ -310,7 +308,7 @@ def train(cfg: TrainConfig) -> LoopState:
             state.step = step + 1
             beta = 0.9
             state.smooth_loss = beta * state.smooth_loss + (1 - beta) * loss_f
-            smooth = state.smooth_loss / (1 - beta ** (state.step - first_step))
+            smooth = state.smooth_loss / (1 - beta ** state.step)  # debiased EMA
             if step - first_step >= skip_timing:
                 state.total_training_time += dt
                 state.timed_steps += 1
@@ -320,11 +318,10 @@ def train(cfg: TrainConfig) -> LoopState:
             lrm = lr_multiplier_at(step, num_iterations, cfg)
             mon.print(step_line(step, num_iterations, smooth, lrm, dt, tok_per_sec, mfu_pct,
                                 state.total_training_time, avg * (num_iterations - state.step) if avg else None))
-            if step % 10 == 0 or state.step == num_iterations:
-                mon.log({"step": step, "total_training_flops": flops_so_far, "total_training_time":
-                         state.total_training_time, "train/loss": smooth, "train/lrm": lrm, "train/dt": dt,
-                         "train/tok_per_sec": tok_per_sec, "train/mfu": mfu_pct,
-                         "train/cropped_fraction": train_loader.cropped_fraction})
+            mon.log({"step": step, "total_training_flops": flops_so_far, "total_training_time":
+                     state.total_training_time, "train/loss": smooth, "train/loss_raw": loss_f, "train/lrm": lrm,
+                     "train/dt": dt, "train/tok_per_sec": tok_per_sec, "train/mfu": mfu_pct,
+                     "train/cropped_fraction": train_loader.cropped_fraction})
             if step == first_step:  # setup garbage is done: keep the collector from stalling steps
                 gc.collect()
                 gc.freeze()
