@@ -92,6 +92,133 @@ def muon_update(grads: Tensor, params: Tensor, momentum_buffer: Tensor, second_m
     backend.fn(grads, params, momentum_buffer, second_momentum, momentum, lr, weight_decay, beta2, steps)
 
 
+# ---------------------------------------------------------------------------------------------------
+# Triton backend (kernels/newton_schulz.py): symmetric products on half the tiles, fused epilogues, and
+# the Muon step as a few elementwise/reduction launches around the iteration.
+# ---------------------------------------------------------------------------------------------------
+
+TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def triton_check(device: torch.device, dtype: torch.dtype, **props) -> str | None:
+    """Why the Triton backend cannot run here (None if it can); see registry's check contract."""
+    try:
+        import triton  # noqa: F401
+
+        from nanotrain.kernels import newton_schulz as _kernels  # noqa: F401
+    except Exception as e:  # an absent or broken Triton install: say so in the startup report
+        return f"triton import failed: {type(e).__name__}: {e}"
+    if dtype not in TRITON_DTYPES:
+        return f"dtype {dtype} unsupported (float32, float16 or bfloat16)"
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            return "no CUDA device"
+        capability = torch.cuda.get_device_capability(device)
+        if capability < (8, 0):
+            return f"compute capability {capability[0]}.{capability[1]} < 8.0 (needs Ampere or newer)"
+        return None
+    if device.type == "cpu":
+        if dtype == torch.bfloat16:
+            return "the Triton interpreter computes bfloat16 dots wrongly; use float32 or float16 on CPU"
+        return None
+    return f"device type '{device.type}' unsupported (CUDA GPUs; CPU only under the interpreter)"
+
+
+def compute_dtype(t: Tensor) -> torch.dtype:
+    """The dtype the Triton iteration runs in: bfloat16 on the GPU (as nanochat), t's dtype on CPU (tests)."""
+    return torch.bfloat16 if t.is_cuda else t.dtype
+
+
+def polar_express_triton(X: Tensor, steps: int = 5) -> Tensor:
+    """Run the Polar Express iteration on a normalized stack X (K, m, n) with the Triton kernels.
+
+    X is consumed (used as one of the two ping-pong buffers). A tall stack is iterated on its transpose
+    view (strides only, no copy), so every product is the short side squared. Returns (K, m, n) in X's
+    dtype and layout.
+    """
+    from nanotrain.kernels import newton_schulz as nsk
+
+    B, m, n = X.shape
+    tall = m > n
+    s = min(m, n)
+    other = torch.empty_like(X)
+    cur, nxt = (X.mT, other.mT) if tall else (X, other)  # (B, s, max(m, n))
+    A = torch.empty(B, s, s, device=X.device, dtype=X.dtype)
+    P = torch.empty_like(A)
+    for a, b, c in POLAR_EXPRESS_COEFFS[:steps]:
+        nsk.sym_matmul(cur, cur, A)                        # A = X X^T
+        nsk.sym_matmul(A, A, P, alpha=c, Z=A, beta=b)      # P = b A + c A A
+        nsk.axpby_matmul(P, cur, nxt, alpha=a)             # X <- a X + P X
+        cur, nxt = nxt, cur
+    return cur.mT if tall else cur
+
+
+def _check_steps(G: Tensor, steps: int) -> None:
+    if G.dim() < 2:
+        raise ValueError(f"orthogonalize wants (..., m, n), got shape {tuple(G.shape)}")
+    if not 1 <= steps <= len(POLAR_EXPRESS_COEFFS):
+        raise ValueError(f"orthogonalize: steps must be in 1..{len(POLAR_EXPRESS_COEFFS)}, got {steps}")
+
+
+@torch.library.custom_op("nanotrain_triton::muon_orthogonalize", mutates_args=())
+def orthogonalize_triton(G: Tensor, steps: int = 5) -> Tensor:
+    """Polar Express orthogonalization with the Triton kernels; G (..., m, n) -> same shape and dtype.
+
+    Computes in bfloat16 on the GPU (float32 accumulation), in G's dtype under the interpreter.
+    """
+    from nanotrain.kernels import newton_schulz as nsk
+
+    _check_steps(G, steps)
+    m, n = G.shape[-2:]
+    G3 = G.reshape(-1, m, n)
+    inv = 1.0 / (G3.float().norm(dim=(-2, -1)) * NORM_SAFETY + 1e-6)  # (B,)
+    X = nsk.scale_cast(G3, inv, torch.empty(G3.shape, device=G.device, dtype=compute_dtype(G)))
+    return polar_express_triton(X, steps).to(G.dtype).reshape(G.shape)
+
+
+@orthogonalize_triton.register_fake
+def _(G: Tensor, steps: int = 5) -> Tensor:
+    return torch.empty_like(G)
+
+
+@torch.library.custom_op("nanotrain_triton::muon_update",
+                         mutates_args=("grads", "params", "momentum_buffer", "second_momentum"))
+def muon_update_triton(grads: Tensor, params: Tensor, momentum_buffer: Tensor, second_momentum: Tensor,
+                       momentum: float, lr: float, weight_decay: float, beta2: float, steps: int = 5) -> None:
+    """muon_update_reference with Triton kernels: 7 launches around the 3-per-step iteration.
+
+    grads, params, momentum_buffer: (K, m, n); second_momentum: (K, m, 1) if m >= n else (K, 1, n).
+    Launches: momentum + row norms; equilibration/normalization factors; scale and cast to the compute
+    dtype; the iteration; per-neuron sums of squares; norm snap + variance reduction factors (updates
+    second_momentum); the cautious update of params.
+    """
+    from nanotrain.kernels import newton_schulz as nsk
+
+    if params.dim() != 3:
+        raise ValueError(f"muon_update wants stacks (K, m, n), got params of shape {tuple(params.shape)}")
+    _check_steps(params, steps)
+    B, m, n = params.shape
+    rsq = nsk.muon_momentum(grads, momentum_buffer, momentum)                   # (B, m)
+    f = nsk.muon_eq_scale(rsq, NORM_SAFETY)                                     # (B, m)
+    X = nsk.scale_cast(grads, f, torch.empty(B, m, n, device=grads.device, dtype=compute_dtype(grads)))
+    ortho = polar_express_triton(X, steps)                                      # (B, m, n)
+    per_row = m >= n  # the reference's red_dim = -1: one second moment per row
+    q = nsk.sumsq_rows(ortho if per_row else ortho.mT, params.dtype)                 # (B, L)
+    sm = second_momentum.squeeze(-1) if per_row else second_momentum.squeeze(-2)  # (B, L) view
+    F = nsk.normuon_scale(q, sm, n if per_row else m, min(m, n) ** 0.5, beta2)  # (B, L)
+    nsk.muon_apply(ortho, F, per_row, params, lr, weight_decay)
+
+
+@muon_update_triton.register_fake
+def _(grads: Tensor, params: Tensor, momentum_buffer: Tensor, second_momentum: Tensor, momentum: float,
+      lr: float, weight_decay: float, beta2: float, steps: int = 5) -> None:
+    return None
+
+
+registry.register("muon", "triton", orthogonalize_triton, check=triton_check, interpreter=True,
+                  description="Triton symmetric-product Polar Express (bf16 on GPU)")
+registry.register("muon_update", "triton", muon_update_triton, check=triton_check, interpreter=True,
+                  description="Triton fused Muon step")
 registry.register("muon", "reference", reference, description="pure-PyTorch Polar Express")
 registry.register("muon_update", "reference", torch.no_grad()(muon_update_reference),
                   description="PyTorch ops around orthogonalize()")
