@@ -12,6 +12,7 @@ then `reference`, the readable masked-softmax definition that every other backen
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -108,6 +109,134 @@ def attention_decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seqlens:
     return backend.fn(q, k_cache, v_cache, cache_seqlens, window, scale)
 
 
+# ----------------------------------------------------------------------------------------------------------
+# Triton backend: fused flash kernels (nanotrain.kernels.attention) behind torch custom ops, so that
+# torch.compile sees one opaque node per call and autograd runs our backward kernels.
+# ----------------------------------------------------------------------------------------------------------
+_TRITON_HEAD_DIMS = (16, 32, 64, 128)
+
+
+def triton_check(device: torch.device, dtype: torch.dtype, head_dim: int | None = None, **props) -> str | None:
+    """None if the Triton kernels can run for this device/dtype/head_dim, else the reason why not."""
+    if head_dim is not None and head_dim not in _TRITON_HEAD_DIMS:
+        dims = ", ".join(map(str, _TRITON_HEAD_DIMS))
+        return f"head_dim {head_dim} is not supported (the Triton kernels take {dims})"
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        if major < 8:
+            return f"needs a GPU of compute capability 8.0 or newer, this one is {major}.{minor}"
+        if dtype not in (torch.bfloat16, torch.float16):
+            return f"{dtype} is not supported on the GPU (bfloat16 or float16)"
+    elif device.type == "cpu":  # the interpreter (tests); the registry enforces TRITON_INTERPRET=1 and forcing
+        if dtype not in (torch.float32, torch.float16):
+            return f"{dtype} is not supported under the Triton interpreter (float32 or float16; its bf16 dot is wrong)"
+    else:
+        return f"Triton does not run on {device.type} tensors"
+    try:
+        import triton  # noqa: F401
+
+        from nanotrain.kernels import attention as _  # noqa: F401
+    except Exception as e:  # an import failure is a reason to fall back, reported at startup
+        return f"Triton cannot be imported: {type(e).__name__}: {e}"
+    return None
+
+
+@torch.library.custom_op("nanotrain::triton_attention_fwd", mutates_args=())
+def _triton_attention_fwd(q: Tensor, k: Tensor, v: Tensor, window: Optional[int], scale: float
+                          ) -> tuple[Tensor, Tensor]:
+    """(out (B,T,H,D), lse (B,H,T) fp32) from the Triton forward kernel."""
+    from nanotrain.kernels import attention as kernels
+
+    return kernels.attention_fwd(q, k, v, window, scale)
+
+
+@_triton_attention_fwd.register_fake
+def _(q: Tensor, k: Tensor, v: Tensor, window: Optional[int], scale: float) -> tuple[Tensor, Tensor]:
+    B, T, H, D = q.shape
+    return q.new_empty((B, T, H, D)), q.new_empty((B, H, T), dtype=torch.float32)
+
+
+@torch.library.custom_op("nanotrain::triton_attention_bwd", mutates_args=())
+def _triton_attention_bwd(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+                          window: Optional[int], scale: float) -> tuple[Tensor, Tensor, Tensor]:
+    """(dq, dk, dv) from the Triton backward kernels (deterministic: no atomics)."""
+    from nanotrain.kernels import attention as kernels
+
+    return kernels.attention_bwd(grad_out, q, k, v, out, lse, window, scale)
+
+
+@_triton_attention_bwd.register_fake
+def _(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, window: Optional[int],
+      scale: float) -> tuple[Tensor, Tensor, Tensor]:
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+class _TritonAttentionGrad:
+    """Autograd of nanotrain::triton_attention_fwd (the torch.library form of an autograd.Function):
+    saves q, k, v, out and the log-sum-exp; the backward is the nanotrain::triton_attention_bwd op."""
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        q, k, v, window, scale = inputs
+        out, lse = output
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.window, ctx.scale = window, scale
+        ctx.mark_non_differentiable(lse)
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor, grad_lse: Tensor | None):
+        q, k, v, out, lse = ctx.saved_tensors
+        if grad_out is None:
+            grad_out = torch.zeros_like(out)
+        dq, dk, dv = _triton_attention_bwd(grad_out, q, k, v, out, lse, ctx.window, ctx.scale)
+        return dq, dk, dv, None, None
+
+
+_triton_attention_fwd.register_autograd(_TritonAttentionGrad.backward, setup_context=_TritonAttentionGrad.setup_context)
+
+
+def triton_attention(q: Tensor, k: Tensor, v: Tensor, window: int | None = None, scale: float | None = None) -> Tensor:
+    """The fused Triton kernels (forward and backward): same semantics as `reference`.
+
+    q: (B, T, H, D), k/v: (B, T, Hkv, D) -> (B, T, H, D).
+    """
+    _check_shapes(q, k, v, window)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    out, _ = _triton_attention_fwd(q, k, v, window, scale)
+    return out
+
+
+@torch.library.custom_op("nanotrain::triton_attention_decode", mutates_args=())
+def _triton_attention_decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seqlens: Tensor,
+                             window: Optional[int], scale: float) -> Tensor:
+    """Decode/prefill attention against a KV cache from the Triton kernel."""
+    from nanotrain.kernels import attention as kernels
+
+    return kernels.attention_decode(q, k_cache, v_cache, cache_seqlens, window, scale)
+
+
+@_triton_attention_decode.register_fake
+def _(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seqlens: Tensor, window: Optional[int],
+      scale: float) -> Tensor:
+    return q.new_empty(q.shape)
+
+
+def triton_attention_decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seqlens: Tensor,
+                            window: int | None = None, scale: float | None = None) -> Tensor:
+    """The Triton decode kernel: same semantics as `reference_decode` (inference only, no autograd).
+
+    q: (B, Tq, H, D); k_cache/v_cache: (B, Tmax, Hkv, D); cache_seqlens: (B,) int -> (B, Tq, H, D).
+    """
+    if window is not None and window < 1:
+        raise ValueError(f"attention_decode: window must be >= 1 (or None for full causal), got {window}")
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    return _triton_attention_decode(q, k_cache, v_cache, cache_seqlens, window, scale)
+
+
+registry.register("attention", "triton", triton_attention, triton_check, interpreter=True,
+                  description="fused sliding-window flash attention (Triton)")
 registry.register("attention", "sdpa", sdpa, description="PyTorch SDPA (dense mask for sliding windows)")
 registry.register("attention", "reference", reference, description="pure-PyTorch masked softmax")
+registry.register("attention_decode", "triton", triton_attention_decode, triton_check, interpreter=True,
+                  description="fused KV-cache decode attention (Triton)")
 registry.register("attention_decode", "reference", reference_decode, description="pure-PyTorch masked softmax")

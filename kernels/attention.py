@@ -1,0 +1,567 @@
+"""Triton kernels for causal sliding-window (flash) attention: forward, backward, and KV-cache decode.
+
+Math (per batch b, query head h, kv head hk = h // GROUPS, query position t):
+    visible(t, s) = s <= t  and  s > t - window          (window >= T means plain causal)
+    S[t, s]  = scale * <q[t], k[s]>                      (-inf where not visible)
+    lse[t]   = log sum_s exp(S[t, s])                    (saved for the backward, fp32, natural log)
+    P[t, s]  = exp(S[t, s] - lse[t]);  o[t] = sum_s P[t, s] v[s]
+Backward (delta[t] = <do[t], o[t]>):
+    dv[s] = sum_t P[t, s] do[t];  dS[t, s] = P[t, s] (<do[t], v[s]> - delta[t])
+    dq[t] = scale * sum_s dS[t, s] k[s];  dk[s] = scale * sum_t dS[t, s] q[t]   (dk/dv summed over a GQA group)
+
+Tensors stay in the model's (B, T, H, D) layout: the kernels take strides (the last dim must be
+contiguous), so no transpose or copy is needed. Each program walks only the blocks that intersect
+the window of its rows, so the work is proportional to T * window, not T^2; blocks wholly inside
+the window skip the mask (only the diagonal and the window's left edge are masked). Softmax runs
+online in fp32 with exp2 (log2(e) folded into the scale). The backward is deterministic: dK/dV
+come from one program per key block that loops over the query heads of its GQA group, dQ from a
+separate kernel; no atomics.
+
+This module never imports nanotrain; nanotrain.ops.attention owns dispatch, checks and autograd.
+"""
+from __future__ import annotations
+
+import functools
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Block ranges. For the rows [start_m, start_m + BLOCK_M) the visible keys lie in [lo, hi); the key blocks in
+# [mid_lo, mid_hi) are visible to every row of the block (no mask), the others need the mask.
+# ----------------------------------------------------------------------------------------------------------
+@triton.jit
+def _key_block_ranges(start_m, n_keys, window, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    lo = tl.maximum(start_m - window + 1, 0) // BLOCK_N * BLOCK_N
+    hi = tl.minimum(start_m + BLOCK_M, n_keys)
+    mid_lo = tl.cdiv(tl.maximum(start_m + BLOCK_M - window, 0), BLOCK_N) * BLOCK_N
+    mid_hi = (start_m + 1) // BLOCK_N * BLOCK_N
+    mid_lo = tl.maximum(tl.minimum(mid_lo, mid_hi), lo)
+    mid_hi = tl.maximum(mid_hi, mid_lo)
+    return lo, mid_lo, mid_hi, hi
+
+
+@triton.jit
+def _query_block_ranges(start_n, T, window, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """For the keys [start_n, start_n + BLOCK_N): the query blocks that see them (the transpose of the above)."""
+    lo = start_n // BLOCK_M * BLOCK_M
+    hi = tl.minimum(start_n + BLOCK_N + window - 1, T)
+    mid_lo = tl.cdiv(start_n + BLOCK_N - 1, BLOCK_M) * BLOCK_M
+    mid_hi = tl.minimum(start_n + window, T) // BLOCK_M * BLOCK_M
+    mid_lo = tl.maximum(tl.minimum(mid_lo, mid_hi), lo)
+    mid_hi = tl.maximum(mid_hi, mid_lo)
+    return lo, mid_lo, mid_hi, hi
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Forward
+# ----------------------------------------------------------------------------------------------------------
+@triton.jit
+def _attention_fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, rows, offs_n, offs_d,
+                         lo, hi, n_keys, window, qk_scale, BLOCK_N: tl.constexpr, MASKED: tl.constexpr):
+    """Online-softmax accumulation of the key blocks [lo, hi) into (acc, l_i, m_i); logits in base 2."""
+    for start_n in range(lo, hi, BLOCK_N):
+        cols = start_n + offs_n
+        if MASKED:
+            in_range = cols[:, None] < n_keys
+            k = tl.load(k_base + cols[:, None] * stride_kt + offs_d[None, :], mask=in_range, other=0.0)
+            v = tl.load(v_base + cols[:, None] * stride_vt + offs_d[None, :], mask=in_range, other=0.0)
+        else:
+            k = tl.load(k_base + cols[:, None] * stride_kt + offs_d[None, :])
+            v = tl.load(v_base + cols[:, None] * stride_vt + offs_d[None, :])
+        qk = tl.dot(q, tl.trans(k)) * qk_scale  # (BLOCK_M, BLOCK_N)
+        if MASKED:
+            visible = ((cols[None, :] <= rows[:, None]) & (cols[None, :] > rows[:, None] - window)
+                       & (cols[None, :] < n_keys))
+            qk = tl.where(visible, qk, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        p = tl.math.exp2(qk - m_new[:, None])
+        alpha = tl.math.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _attention_fwd_kernel(
+    Q, K, V, OUT, LSE,
+    stride_qb, stride_qt, stride_qh,
+    stride_kb, stride_kt, stride_kh,
+    stride_vb, stride_vt, stride_vh,
+    stride_ob, stride_ot, stride_oh,
+    stride_lb, stride_lh,
+    T, H, GROUPS, window, qk_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """o = softmax(scale * q k^T, sliding-window causal mask) v and lse, for one (BLOCK_M rows, b, h) tile.
+
+    Grid: (cdiv(T, BLOCK_M), B * H). qk_scale = scale * log2(e). LSE is (B, H, T) fp32, natural log.
+    """
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = pid_bh % H
+    hk = (h // GROUPS).to(tl.int64)
+    h = h.to(tl.int64)
+    start_m = pid_m * BLOCK_M
+    rows = start_m + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    row_ok = rows < T
+
+    q = tl.load(Q + b * stride_qb + h * stride_qh + rows[:, None] * stride_qt + offs_d[None, :],
+                mask=row_ok[:, None], other=0.0)
+    k_base = K + b * stride_kb + hk * stride_kh
+    v_base = V + b * stride_vb + hk * stride_vh
+
+    m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)  # finite: a row with no visible key yet stays NaN-free
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+
+    lo, mid_lo, mid_hi, hi = _key_block_ranges(start_m, T, window, BLOCK_M, BLOCK_N)
+    acc, l_i, m_i = _attention_fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, rows, offs_n,
+                                         offs_d, lo, mid_lo, T, window, qk_scale, BLOCK_N, True)
+    acc, l_i, m_i = _attention_fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, rows, offs_n,
+                                         offs_d, mid_lo, mid_hi, T, window, qk_scale, BLOCK_N, False)
+    acc, l_i, m_i = _attention_fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, rows, offs_n,
+                                         offs_d, mid_hi, hi, T, window, qk_scale, BLOCK_N, True)
+
+    l_safe = tl.where(l_i > 0.0, l_i, 1.0)  # rows past T only
+    out = acc / l_safe[:, None]
+    tl.store(OUT + b * stride_ob + h * stride_oh + rows[:, None] * stride_ot + offs_d[None, :],
+             out.to(OUT.dtype.element_ty), mask=row_ok[:, None])
+    tl.store(LSE + b * stride_lb + h * stride_lh + rows, (m_i + tl.math.log2(l_safe)) * 0.6931471805599453,
+             mask=row_ok)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Backward
+# ----------------------------------------------------------------------------------------------------------
+@triton.jit
+def _attention_bwd_preprocess_kernel(
+    OUT, DO, DELTA,
+    stride_ob, stride_ot, stride_oh,
+    stride_dob, stride_dot, stride_doh,
+    stride_db, stride_dh,
+    T, H,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    """delta[b, h, t] = sum_d do[b, t, h, d] * o[b, t, h, d] in fp32. Grid: (cdiv(T, BLOCK_M), B * H)."""
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    row_ok = rows < T
+    o = tl.load(OUT + b * stride_ob + h * stride_oh + rows[:, None] * stride_ot + offs_d[None, :],
+                mask=row_ok[:, None], other=0.0)
+    do = tl.load(DO + b * stride_dob + h * stride_doh + rows[:, None] * stride_dot + offs_d[None, :],
+                 mask=row_ok[:, None], other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    tl.store(DELTA + b * stride_db + h * stride_dh + rows, delta, mask=row_ok)
+
+
+@triton.jit
+def _attention_bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot,
+                              cols, offs_m, offs_d, lo, hi, T, window, qk_scale,
+                              BLOCK_M: tl.constexpr, MASKED: tl.constexpr):
+    """Accumulate the query blocks [lo, hi) of one query head into dk, dv (BLOCK_N, HEAD_DIM), fp32."""
+    for start_m in range(lo, hi, BLOCK_M):
+        rows = start_m + offs_m
+        if MASKED:
+            row_ok = rows < T
+            q = tl.load(q_base + rows[:, None] * stride_qt + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+            do = tl.load(do_base + rows[:, None] * stride_dot + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+            lse = tl.load(lse_base + rows, mask=row_ok, other=0.0)
+            delta = tl.load(delta_base + rows, mask=row_ok, other=0.0)
+        else:
+            q = tl.load(q_base + rows[:, None] * stride_qt + offs_d[None, :])
+            do = tl.load(do_base + rows[:, None] * stride_dot + offs_d[None, :])
+            lse = tl.load(lse_base + rows)
+            delta = tl.load(delta_base + rows)
+        qk_t = tl.dot(k, tl.trans(q)) * qk_scale  # (BLOCK_N, BLOCK_M), base 2
+        p_t = tl.math.exp2(qk_t - (lse * 1.4426950408889634)[None, :])
+        if MASKED:
+            visible = ((cols[:, None] <= rows[None, :]) & (rows[None, :] < cols[:, None] + window)
+                       & (rows[None, :] < T))
+            p_t = tl.where(visible, p_t, 0.0)
+        dv += tl.dot(p_t.to(do.dtype), do)
+        dp_t = tl.dot(v, tl.trans(do))
+        ds_t = p_t * (dp_t - delta[None, :])
+        dk += tl.dot(ds_t.to(q.dtype), q)
+    return dk, dv
+
+
+@triton.jit
+def _attention_bwd_dkdv_kernel(
+    Q, K, V, DO, LSE, DELTA, DK, DV,
+    stride_qb, stride_qt, stride_qh,
+    stride_kb, stride_kt, stride_kh,
+    stride_vb, stride_vt, stride_vh,
+    stride_dob, stride_dot, stride_doh,
+    stride_lb, stride_lh,
+    stride_dkb, stride_dkt, stride_dkh,
+    stride_dvb, stride_dvt, stride_dvh,
+    T, H_KV, GROUPS, window, qk_scale, sm_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """dk, dv for one block of BLOCK_N keys of one kv head, summed over its GROUPS query heads in order.
+
+    Grid: (cdiv(T, BLOCK_N), B * H_KV). LSE and DELTA are (B, H, T) fp32.
+    """
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H_KV).to(tl.int64)
+    hk = (pid_bh % H_KV).to(tl.int64)
+    start_n = pid_n * BLOCK_N
+    cols = start_n + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    col_ok = cols < T
+
+    k = tl.load(K + b * stride_kb + hk * stride_kh + cols[:, None] * stride_kt + offs_d[None, :],
+                mask=col_ok[:, None], other=0.0)
+    v = tl.load(V + b * stride_vb + hk * stride_vh + cols[:, None] * stride_vt + offs_d[None, :],
+                mask=col_ok[:, None], other=0.0)
+    dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+
+    lo, mid_lo, mid_hi, hi = _query_block_ranges(start_n, T, window, BLOCK_M, BLOCK_N)
+    for g in range(GROUPS):
+        h = hk * GROUPS + g
+        q_base = Q + b * stride_qb + h * stride_qh
+        do_base = DO + b * stride_dob + h * stride_doh
+        lse_base = LSE + b * stride_lb + h * stride_lh
+        delta_base = DELTA + b * stride_lb + h * stride_lh
+        dk, dv = _attention_bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt,
+                                           stride_dot, cols, offs_m, offs_d, lo, mid_lo, T, window, qk_scale,
+                                           BLOCK_M, True)
+        dk, dv = _attention_bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt,
+                                           stride_dot, cols, offs_m, offs_d, mid_lo, mid_hi, T, window, qk_scale,
+                                           BLOCK_M, False)
+        dk, dv = _attention_bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt,
+                                           stride_dot, cols, offs_m, offs_d, mid_hi, hi, T, window, qk_scale,
+                                           BLOCK_M, True)
+
+    tl.store(DK + b * stride_dkb + hk * stride_dkh + cols[:, None] * stride_dkt + offs_d[None, :],
+             (dk * sm_scale).to(DK.dtype.element_ty), mask=col_ok[:, None])
+    tl.store(DV + b * stride_dvb + hk * stride_dvh + cols[:, None] * stride_dvt + offs_d[None, :],
+             dv.to(DV.dtype.element_ty), mask=col_ok[:, None])
+
+
+@triton.jit
+def _attention_bwd_dq_inner(dq, q, do, lse2, delta, k_base, v_base, stride_kt, stride_vt, rows, offs_n, offs_d,
+                            lo, hi, T, window, qk_scale, BLOCK_N: tl.constexpr, MASKED: tl.constexpr):
+    """Accumulate the key blocks [lo, hi) into dq (BLOCK_M, HEAD_DIM), fp32 (unscaled)."""
+    for start_n in range(lo, hi, BLOCK_N):
+        cols = start_n + offs_n
+        if MASKED:
+            in_range = cols[:, None] < T
+            k = tl.load(k_base + cols[:, None] * stride_kt + offs_d[None, :], mask=in_range, other=0.0)
+            v = tl.load(v_base + cols[:, None] * stride_vt + offs_d[None, :], mask=in_range, other=0.0)
+        else:
+            k = tl.load(k_base + cols[:, None] * stride_kt + offs_d[None, :])
+            v = tl.load(v_base + cols[:, None] * stride_vt + offs_d[None, :])
+        qk = tl.dot(q, tl.trans(k)) * qk_scale
+        p = tl.math.exp2(qk - lse2[:, None])
+        if MASKED:
+            visible = ((cols[None, :] <= rows[:, None]) & (cols[None, :] > rows[:, None] - window)
+                       & (cols[None, :] < T))
+            p = tl.where(visible, p, 0.0)
+        dp = tl.dot(do, tl.trans(v))
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(k.dtype), k)
+    return dq
+
+
+@triton.jit
+def _attention_bwd_dq_kernel(
+    Q, K, V, DO, LSE, DELTA, DQ,
+    stride_qb, stride_qt, stride_qh,
+    stride_kb, stride_kt, stride_kh,
+    stride_vb, stride_vt, stride_vh,
+    stride_dob, stride_dot, stride_doh,
+    stride_lb, stride_lh,
+    stride_dqb, stride_dqt, stride_dqh,
+    T, H, GROUPS, window, qk_scale, sm_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """dq for one block of BLOCK_M queries of one head. Grid: (cdiv(T, BLOCK_M), B * H)."""
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = pid_bh % H
+    hk = (h // GROUPS).to(tl.int64)
+    h = h.to(tl.int64)
+    start_m = pid_m * BLOCK_M
+    rows = start_m + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    row_ok = rows < T
+
+    q = tl.load(Q + b * stride_qb + h * stride_qh + rows[:, None] * stride_qt + offs_d[None, :],
+                mask=row_ok[:, None], other=0.0)
+    do = tl.load(DO + b * stride_dob + h * stride_doh + rows[:, None] * stride_dot + offs_d[None, :],
+                 mask=row_ok[:, None], other=0.0)
+    lse2 = tl.load(LSE + b * stride_lb + h * stride_lh + rows, mask=row_ok, other=0.0) * 1.4426950408889634
+    delta = tl.load(DELTA + b * stride_lb + h * stride_lh + rows, mask=row_ok, other=0.0)
+    k_base = K + b * stride_kb + hk * stride_kh
+    v_base = V + b * stride_vb + hk * stride_vh
+    dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+
+    lo, mid_lo, mid_hi, hi = _key_block_ranges(start_m, T, window, BLOCK_M, BLOCK_N)
+    dq = _attention_bwd_dq_inner(dq, q, do, lse2, delta, k_base, v_base, stride_kt, stride_vt, rows, offs_n, offs_d,
+                                 lo, mid_lo, T, window, qk_scale, BLOCK_N, True)
+    dq = _attention_bwd_dq_inner(dq, q, do, lse2, delta, k_base, v_base, stride_kt, stride_vt, rows, offs_n, offs_d,
+                                 mid_lo, mid_hi, T, window, qk_scale, BLOCK_N, False)
+    dq = _attention_bwd_dq_inner(dq, q, do, lse2, delta, k_base, v_base, stride_kt, stride_vt, rows, offs_n, offs_d,
+                                 mid_hi, hi, T, window, qk_scale, BLOCK_N, True)
+    tl.store(DQ + b * stride_dqb + h * stride_dqh + rows[:, None] * stride_dqt + offs_d[None, :],
+             (dq * sm_scale).to(DQ.dtype.element_ty), mask=row_ok[:, None])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Decode / prefill against a KV cache
+# ----------------------------------------------------------------------------------------------------------
+@triton.jit
+def _attention_decode_kernel(
+    Q, KC, VC, SEQLENS, OUT,
+    stride_qb, stride_qt, stride_qh,
+    stride_kb, stride_kt, stride_kh,
+    stride_vb, stride_vt, stride_vh,
+    stride_ob, stride_ot, stride_oh,
+    TQ, H, GROUPS, window, qk_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """The TQ newest queries of row b (at positions n - TQ .. n - 1, n = SEQLENS[b]) against cache[b, :n].
+
+    Same math as the forward without the LSE. Grid: (cdiv(TQ, BLOCK_M), B * H).
+    """
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = pid_bh % H
+    hk = (h // GROUPS).to(tl.int64)
+    h = h.to(tl.int64)
+    n = tl.load(SEQLENS + b).to(tl.int32)
+    idx = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # index among the new queries
+    start_m = n - TQ + pid_m * BLOCK_M               # absolute position of the block's first query
+    rows = n - TQ + idx
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    row_ok = idx < TQ
+
+    q = tl.load(Q + b * stride_qb + h * stride_qh + idx[:, None] * stride_qt + offs_d[None, :],
+                mask=row_ok[:, None], other=0.0)
+    k_base = KC + b * stride_kb + hk * stride_kh
+    v_base = VC + b * stride_vb + hk * stride_vh
+    m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+
+    lo, mid_lo, mid_hi, hi = _key_block_ranges(tl.maximum(start_m, 0), n, window, BLOCK_M, BLOCK_N)
+    acc, l_i, m_i = _attention_fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, rows, offs_n,
+                                         offs_d, lo, mid_lo, n, window, qk_scale, BLOCK_N, True)
+    acc, l_i, m_i = _attention_fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, rows, offs_n,
+                                         offs_d, mid_lo, mid_hi, n, window, qk_scale, BLOCK_N, False)
+    acc, l_i, m_i = _attention_fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, rows, offs_n,
+                                         offs_d, mid_hi, hi, n, window, qk_scale, BLOCK_N, True)
+    l_safe = tl.where(l_i > 0.0, l_i, 1.0)
+    tl.store(OUT + b * stride_ob + h * stride_oh + idx[:, None] * stride_ot + offs_d[None, :],
+             (acc / l_safe[:, None]).to(OUT.dtype.element_ty), mask=row_ok[:, None])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Launch configurations: a short list per GPU generation, autotuned per (T, window, head_dim); one small fixed
+# config under the interpreter (CPU tests), where autotuning would only burn time.
+# ----------------------------------------------------------------------------------------------------------
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+_INTERPRETER_META = {
+    "fwd": dict(BLOCK_M=32, BLOCK_N=16),
+    "dkdv": dict(BLOCK_M=16, BLOCK_N=32),
+    "dq": dict(BLOCK_M=32, BLOCK_N=16),
+    "decode": dict(BLOCK_N=16),
+}
+
+# (BLOCK_M, BLOCK_N, num_warps, num_stages)
+_GPU_CONFIGS = {
+    "sm90": {
+        "fwd": [(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3)],
+        "dkdv": [(32, 128, 4, 3), (64, 128, 8, 3), (64, 64, 4, 3), (32, 64, 4, 2)],
+        "dq": [(128, 32, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 2)],
+        "decode": [(0, 64, 4, 3), (0, 128, 8, 3), (0, 32, 4, 2)],
+    },
+    "sm80": {
+        "fwd": [(128, 64, 4, 3), (128, 32, 4, 3), (64, 64, 4, 3), (128, 64, 8, 2)],
+        "dkdv": [(32, 128, 4, 2), (64, 64, 4, 2), (32, 64, 4, 3), (64, 128, 8, 2)],
+        "dq": [(128, 32, 4, 2), (64, 64, 4, 2), (64, 32, 4, 3), (128, 64, 8, 2)],
+        "decode": [(0, 64, 4, 2), (0, 32, 4, 2), (0, 128, 8, 2)],
+    },
+    # sm86/sm89 and consumer Blackwell: ~100 KB of shared memory per SM
+    "sm8x": {
+        "fwd": [(64, 64, 4, 2), (128, 32, 4, 2), (64, 32, 4, 3), (128, 64, 4, 2)],
+        "dkdv": [(32, 64, 4, 2), (64, 64, 4, 2), (32, 128, 4, 2), (16, 64, 4, 2)],
+        "dq": [(64, 32, 4, 2), (64, 64, 4, 2), (128, 32, 4, 2), (32, 32, 4, 2)],
+        "decode": [(0, 64, 4, 2), (0, 32, 4, 2)],
+    },
+}
+
+_KERNELS = {
+    "fwd": _attention_fwd_kernel,
+    "dkdv": _attention_bwd_dkdv_kernel,
+    "dq": _attention_bwd_dq_kernel,
+    "decode": _attention_decode_kernel,
+}
+_TUNE_KEYS = {"fwd": ["T", "window", "HEAD_DIM"], "dkdv": ["T", "window", "HEAD_DIM", "GROUPS"],
+              "dq": ["T", "window", "HEAD_DIM"], "decode": ["TQ", "HEAD_DIM", "BLOCK_M"]}
+
+
+def gpu_generation(capability: tuple[int, int]) -> str:
+    """The config family for a compute capability: sm90 (Hopper, datacenter Blackwell), sm80 (A100), sm8x."""
+    major, minor = capability
+    if major in (9, 10):
+        return "sm90"
+    if (major, minor) == (8, 0):
+        return "sm80"
+    return "sm8x"
+
+
+@functools.lru_cache(maxsize=None)
+def _tuned(kind: str, generation: str):
+    configs = []
+    for bm, bn, warps, stages in _GPU_CONFIGS[generation][kind]:
+        meta = {"BLOCK_N": bn} if kind == "decode" else {"BLOCK_M": bm, "BLOCK_N": bn}
+        configs.append(triton.Config(meta, num_warps=warps, num_stages=stages))
+    return triton.autotune(configs=configs, key=_TUNE_KEYS[kind])(_KERNELS[kind])
+
+
+def _launch(kind: str, device: torch.device, grid_rows: int, grid_cols: int, *args, **constexprs) -> None:
+    """Run kernel `kind` over grid (cdiv(grid_rows, BLOCK_M or BLOCK_N), grid_cols)."""
+    block_key = "BLOCK_N" if kind == "dkdv" else "BLOCK_M"
+    if interpreting() or device.type != "cuda":
+        meta = dict(_INTERPRETER_META[kind], **constexprs)
+        kernel = _KERNELS[kind]
+        kernel[(triton.cdiv(grid_rows, meta[block_key]), grid_cols)](*args, **meta)
+        return
+    kernel = _tuned(kind, gpu_generation(torch.cuda.get_device_capability(device)))
+
+    def grid(meta):
+        return (triton.cdiv(grid_rows, meta[block_key]), grid_cols)
+
+    kernel[grid](*args, **constexprs)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Launchers (tensors in, tensors out; no autograd here)
+# ----------------------------------------------------------------------------------------------------------
+def _last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def _effective_window(window: int | None, n_keys: int) -> int:
+    return n_keys if window is None or window >= n_keys else int(window)
+
+
+def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int | None, scale: float,
+                  out: torch.Tensor | None = None, lse: torch.Tensor | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward. q: (B, T, H, D), k/v: (B, T, Hkv, D) -> out (B, T, H, D) in q's dtype, lse (B, H, T) fp32.
+
+    `out`/`lse` may be given (tests pass NaN-filled buffers to catch unwritten elements).
+    """
+    q, k, v = (_last_dim_contiguous(x) for x in (q, k, v))
+    B, T, H, D = q.shape
+    Hkv = k.shape[2]
+    out = torch.empty((B, T, H, D), device=q.device, dtype=q.dtype) if out is None else out
+    lse = torch.empty((B, H, T), device=q.device, dtype=torch.float32) if lse is None else lse
+    assert out.stride(-1) == 1 and lse.stride(-1) == 1
+    _launch("fwd", q.device, T, B * H,
+            q, k, v, out, lse,
+            q.stride(0), q.stride(1), q.stride(2),
+            k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2),
+            out.stride(0), out.stride(1), out.stride(2),
+            lse.stride(0), lse.stride(1),
+            T, H, H // Hkv, _effective_window(window, T), scale * LOG2E,
+            HEAD_DIM=D)
+    return out, lse
+
+
+def attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                  lse: torch.Tensor, window: int | None, scale: float,
+                  dq: torch.Tensor | None = None, dk: torch.Tensor | None = None, dv: torch.Tensor | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Backward: (dq (B,T,H,D), dk, dv (B,T,Hkv,D)) in the inputs' dtypes. Deterministic (no atomics)."""
+    do, q, k, v, out = (_last_dim_contiguous(x) for x in (do, q, k, v, out))
+    lse = lse.contiguous()
+    B, T, H, D = q.shape
+    Hkv = k.shape[2]
+    w = _effective_window(window, T)
+    dq = torch.empty((B, T, H, D), device=q.device, dtype=q.dtype) if dq is None else dq
+    dk = torch.empty((B, T, Hkv, D), device=k.device, dtype=k.dtype) if dk is None else dk
+    dv = torch.empty((B, T, Hkv, D), device=v.device, dtype=v.dtype) if dv is None else dv
+    delta = torch.empty((B, H, T), device=q.device, dtype=torch.float32)
+    block = 16 if interpreting() else 64
+    _attention_bwd_preprocess_kernel[(triton.cdiv(T, block), B * H)](
+        out, do, delta,
+        out.stride(0), out.stride(1), out.stride(2),
+        do.stride(0), do.stride(1), do.stride(2),
+        delta.stride(0), delta.stride(1),
+        T, H, HEAD_DIM=D, BLOCK_M=block)
+    _launch("dkdv", q.device, T, B * Hkv,
+            q, k, v, do, lse, delta, dk, dv,
+            q.stride(0), q.stride(1), q.stride(2),
+            k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2),
+            do.stride(0), do.stride(1), do.stride(2),
+            lse.stride(0), lse.stride(1),
+            dk.stride(0), dk.stride(1), dk.stride(2),
+            dv.stride(0), dv.stride(1), dv.stride(2),
+            T, Hkv, H // Hkv, w, scale * LOG2E, scale,
+            HEAD_DIM=D)
+    _launch("dq", q.device, T, B * H,
+            q, k, v, do, lse, delta, dq,
+            q.stride(0), q.stride(1), q.stride(2),
+            k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2),
+            do.stride(0), do.stride(1), do.stride(2),
+            lse.stride(0), lse.stride(1),
+            dq.stride(0), dq.stride(1), dq.stride(2),
+            T, H, H // Hkv, w, scale * LOG2E, scale,
+            HEAD_DIM=D)
+    return dq, dk, dv
+
+
+def attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cache_seqlens: torch.Tensor,
+                     window: int | None, scale: float, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Tq new queries against a KV cache. q: (B, Tq, H, D); caches (B, Tmax, Hkv, D); cache_seqlens (B,)."""
+    q, k_cache, v_cache = (_last_dim_contiguous(x) for x in (q, k_cache, v_cache))
+    B, Tq, H, D = q.shape
+    Tmax, Hkv = k_cache.shape[1], k_cache.shape[2]
+    out = torch.empty((B, Tq, H, D), device=q.device, dtype=q.dtype) if out is None else out
+    block_m = max(16, min(64, triton.next_power_of_2(Tq)))
+    _launch("decode", q.device, Tq, B * H,
+            q, k_cache, v_cache, cache_seqlens.contiguous(), out,
+            q.stride(0), q.stride(1), q.stride(2),
+            k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+            v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+            out.stride(0), out.stride(1), out.stride(2),
+            Tq, H, H // Hkv, _effective_window(window, Tmax), scale * LOG2E,
+            HEAD_DIM=D, BLOCK_M=block_m)
+    return out
+
+
+def default_scale(head_dim: int) -> float:
+    return 1.0 / math.sqrt(head_dim)
