@@ -1,0 +1,576 @@
+"""Checkpoints: round trips, the latest pointer, pruning, corruption, crashes mid-save (SIGKILL), multi-rank
+saves, resume compatibility, RNG capture, load_model."""
+from __future__ import annotations
+
+import errno
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+import nanotrain.checkpoint as ck
+from nanotrain.checkpoint import (
+    capture_rng_state,
+    check_resume_compatible,
+    latest_step,
+    list_steps,
+    load_checkpoint,
+    prune,
+    read_meta,
+    resolve_step,
+    restore_rng_state,
+    save_checkpoint,
+)
+from nanotrain.errors import UserError
+
+
+class Tiny(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(11, 8)
+        self.fc = nn.Linear(8, 5)
+        self.scale = nn.Parameter(torch.randn(5).to(torch.bfloat16))  # upcast to fp32 on save, exact
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:  # (B, T) -> (B, T, 5)
+        return self.fc(self.emb(idx)) * self.scale.float()
+
+
+def _train_steps(model: nn.Module, opt: torch.optim.Optimizer, n: int) -> list[float]:
+    losses = []
+    for _ in range(n):
+        idx = torch.randint(0, 11, (2, 3))
+        loss = model(idx).square().mean()
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    return losses
+
+
+def _meta(**over) -> dict:
+    meta = {
+        "model_config": {"sequence_len": 16, "vocab_size": 11, "n_layer": 2, "n_head": 2, "n_kv_head": 2,
+                         "n_embd": 8, "window_pattern": "L"},
+        "train_config": {"depth": 2, "device_batch_size": 4, "total_batch_size": 128, "eval_every": 10,
+                         "save_every": 5, "run": "dummy", "matrix_lr": 0.02},
+        "loop_state": {"smooth_train_loss": 2.5, "min_val_bpb": float("inf"), "total_training_time": 12.5},
+        "tokenizer_fingerprint": "tok0",
+        "data_fingerprint": "data0",
+    }
+    meta.update(over)
+    return meta
+
+
+def _quick_save(d: Path, step: int, **kw) -> Path:
+    state = {"w": torch.full((4,), float(step)) + torch.randn(4)}
+    return save_checkpoint(d, step, state, {"m": torch.randn(3)}, _meta(), rank_state={"pos": step}, **kw)
+
+
+# ----------------------------------------------------------------------------------------------- round trip
+def test_round_trip_resumes_the_same_trajectory(tmp_path):
+    model = Tiny()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    _train_steps(model, opt, 2)
+    rank_state = {"loader": {"shard": 3, "row": 17, "epoch": 1, "buffer": [5, 6, 7]}, "rng": capture_rng_state()}
+    meta = _meta(loop_state={"smooth_train_loss": 2.5, "min_val_bpb": float("inf"), "step_times": [0.1, 0.2]})
+    path = save_checkpoint(tmp_path, 2, model.state_dict(), opt.state_dict(), meta, rank_state=rank_state)
+    assert path == tmp_path / "step_000002"
+    assert sorted(p.name for p in path.iterdir()) == ["CHECKSUMS", "meta.json", "model.pt", "optim_rank0.pt",
+                                                      "rank0.pt"]
+    expected_losses = _train_steps(model, opt, 3)  # the uninterrupted run continues
+
+    ckpt = load_checkpoint(tmp_path)
+    assert ckpt.step == 2 and ckpt.path == path
+    assert ckpt.model_state["scale"].dtype == torch.float32  # bf16 saved as fp32
+    assert ckpt.rank_state["loader"] == rank_state["loader"]
+    assert ckpt.meta["step"] == 2 and ckpt.meta["world_size"] == 1 and ckpt.meta["optim_sharded"] is False
+    assert ckpt.meta["loop_state"]["min_val_bpb"] == float("inf")
+    assert ckpt.meta["loop_state"]["step_times"] == [0.1, 0.2]
+    assert ckpt.meta["tokenizer_fingerprint"] == "tok0" and ckpt.meta["data_fingerprint"] == "data0"
+    assert ckpt.meta["code_version"]["nanotrain"] and "saved_at" in ckpt.meta
+
+    # A fresh process's view: new model and optimizer, states loaded, RNG restored -> the same losses, bitwise.
+    torch.manual_seed(999)
+    model2 = Tiny()
+    opt2 = torch.optim.AdamW(model2.parameters(), lr=1e-2)
+    model2.load_state_dict(ckpt.model_state)
+    opt2.load_state_dict(ckpt.optim_state)
+    restore_rng_state(ckpt.rank_state["rng"])
+    assert _train_steps(model2, opt2, 3) == expected_losses
+    for p1, p2 in zip(model.parameters(), model2.parameters()):
+        assert torch.equal(p1, p2)
+
+
+def test_files_load_with_weights_only_and_sums_verify(tmp_path):
+    path = _quick_save(tmp_path, 1)
+    for name in ("model.pt", "optim_rank0.pt", "rank0.pt"):
+        torch.load(path / name, weights_only=True)
+    out = subprocess.run(["sha256sum", "-c", "CHECKSUMS"], cwd=path, capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert out.stdout.count(": OK") == 4
+
+
+def test_save_refuses_state_weights_only_cannot_read(tmp_path):
+    with pytest.raises(TypeError, match=r"rank_state\['loader'\]\['perm'\].*numpy"):
+        save_checkpoint(tmp_path, 1, {"w": torch.ones(2)}, None, _meta(),
+                        rank_state={"loader": {"perm": np.arange(3)}})
+    assert list(tmp_path.iterdir()) == []  # nothing written
+
+
+def test_compiled_prefix_stripped_and_views_compacted(tmp_path):
+    big = torch.randn(1000)
+    save_checkpoint(tmp_path, 1, {"_orig_mod.w": big[:4]}, None, _meta())
+    ckpt = load_checkpoint(tmp_path)
+    assert list(ckpt.model_state) == ["w"]
+    assert torch.equal(ckpt.model_state["w"], big[:4])
+    assert (tmp_path / "step_000001" / "model.pt").stat().st_size < 2000  # not the 4000-byte storage
+    assert ckpt.optim_state is None and ckpt.meta["has_optim"] is False
+
+
+def test_saving_a_step_again_replaces_it(tmp_path):
+    save_checkpoint(tmp_path, 3, {"w": torch.zeros(2)}, None, _meta())
+    save_checkpoint(tmp_path, 3, {"w": torch.ones(2)}, None, _meta())
+    assert list_steps(tmp_path) == [3]
+    assert torch.equal(load_checkpoint(tmp_path, 3).model_state["w"], torch.ones(2))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step_000003"]
+
+
+# ----------------------------------------------------------------------------------------------- steps, latest, prune
+def test_latest_pointer_and_resolve_step(tmp_path):
+    for step in (5, 10, 20):
+        _quick_save(tmp_path, step)
+    assert (tmp_path / "latest").read_text() == "step_000020\n"
+    assert list_steps(tmp_path) == [5, 10, 20]
+    assert latest_step(tmp_path) == 20
+    assert resolve_step(tmp_path, "latest") == 20
+    assert resolve_step(tmp_path, 10) == 10 and resolve_step(tmp_path, "5") == 5
+    with pytest.raises(UserError, match=r"no checkpoint for step 7 at .* \(steps found: 5, 10, 20\)"):
+        resolve_step(tmp_path, 7)
+    with pytest.raises(UserError, match=r"step number or 'latest'.*5, 10, 20"):
+        resolve_step(tmp_path, "newest")
+    # A run resumed from step 5 saves step 6: latest follows the save, not the highest number.
+    _quick_save(tmp_path, 6)
+    assert latest_step(tmp_path) == 6 and load_checkpoint(tmp_path).step == 6
+    # A missing or garbled pointer falls back to the highest complete step.
+    (tmp_path / "latest").write_text("garbage")
+    assert latest_step(tmp_path) == 20
+    (tmp_path / "latest").unlink()
+    assert latest_step(tmp_path) == 20
+
+
+def test_no_checkpoint_message(tmp_path):
+    d = tmp_path / "base_checkpoints" / "d4"
+    expected = f"no checkpoint at {d} (steps found: none); train first or check --model-tag/--base-dir"
+    with pytest.raises(UserError) as exc:
+        load_checkpoint(d)
+    assert str(exc.value) == expected
+    assert latest_step(d) is None and list_steps(d) == []
+    with pytest.raises(UserError, match="no checkpoint at"):
+        resolve_step(d, 3)
+
+
+def test_keep_last_prunes_oldest(tmp_path):
+    for step in range(1, 6):
+        _quick_save(tmp_path, step, keep_last=2)
+    assert list_steps(tmp_path) == [4, 5]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step_000004", "step_000005"]
+    # Resumed from 4, saving 4.5-ish steps under lower numbers: keep the newest (5) and the latest save.
+    _quick_save(tmp_path, 3, keep_last=1)
+    assert list_steps(tmp_path) == [3, 5] and latest_step(tmp_path) == 3
+    assert prune(tmp_path, 1) == []
+    with pytest.raises(UserError, match="--keep-last must be at least 1"):
+        prune(tmp_path, 0)
+    with pytest.raises(UserError, match="--keep-last must be at least 1"):
+        _quick_save(tmp_path, 9, keep_last=0)
+    assert list_steps(tmp_path) == [3, 5]  # the refused save wrote nothing
+    _quick_save(tmp_path, 9, keep_last=-1)
+    assert list_steps(tmp_path) == [3, 5, 9]
+
+
+# ----------------------------------------------------------------------------------------------- damage
+def test_corruption_names_the_file_and_the_intact_step(tmp_path):
+    _quick_save(tmp_path, 1)
+    _quick_save(tmp_path, 2)
+    target = tmp_path / "step_000002" / "model.pt"
+    data = bytearray(target.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    target.write_bytes(bytes(data))
+    assert list_steps(tmp_path) == [1, 2]  # structure intact; the bytes are checked on load
+    with pytest.raises(UserError) as exc:
+        load_checkpoint(tmp_path)
+    msg = str(exc.value)
+    assert str(target) in msg and "sha256 mismatch" in msg
+    assert "step 1 is intact" in msg and "--resume-from-step=1" in msg
+    assert load_checkpoint(tmp_path, 1).step == 1
+
+
+def test_corruption_without_intact_fallback(tmp_path):
+    _quick_save(tmp_path, 1)
+    meta = tmp_path / "step_000001" / "meta.json"
+    meta.write_text(meta.read_text().replace('"tok0"', '"tok1"'))
+    with pytest.raises(UserError, match=r"meta\.json is corrupt \(sha256 mismatch\); there is no older checkpoint"):
+        read_meta(tmp_path)
+
+
+def test_incomplete_folders_ignored_and_leftovers_cleaned(tmp_path):
+    _quick_save(tmp_path, 1)
+    _quick_save(tmp_path, 4)
+    # a step folder whose listed file is gone, and one without CHECKSUMS (e.g. copied by hand, half done)
+    (tmp_path / "step_000004" / "rank0.pt").unlink()
+    (tmp_path / "step_000003").mkdir()
+    (tmp_path / "step_000003" / "model.pt").write_bytes(b"x")
+    # a crashed save: a temporary folder with a truncated file (owner: a pid that has exited)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    tmp = tmp_path / f"step_000002.tmp-{dead.pid}"
+    tmp.mkdir()
+    (tmp / "model.pt").write_bytes(b"PK\x03\x04trunc")
+    (tmp_path / "latest.tmp-shared").write_text("step_000004")
+    assert tmp.exists()
+    assert list_steps(tmp_path) == [1]
+    assert latest_step(tmp_path) == 1
+    with pytest.raises(UserError, match=r"steps found: 1; incomplete, ignored: step_000003, step_000004"):
+        resolve_step(tmp_path, 4)
+    _quick_save(tmp_path, 5)
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == ["latest", "step_000001", "step_000003", "step_000004", "step_000005"]
+
+
+def test_leftover_of_a_live_process_is_kept(tmp_path):
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        mine = tmp_path / f"step_000001.tmp-{live.pid}"
+        mine.mkdir()
+        _quick_save(tmp_path, 2)
+        assert mine.exists()  # another live process may be writing it
+    finally:
+        live.kill()
+        live.wait()
+    _quick_save(tmp_path, 3)
+    assert not mine.exists()
+
+
+def test_disk_full_is_a_user_error_and_leaves_previous(tmp_path, monkeypatch):
+    _quick_save(tmp_path, 1)
+    real = ck._write_torch
+
+    def full(path, obj):
+        if path.name == "optim_rank0.pt":
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(path, obj)
+
+    monkeypatch.setattr(ck, "_write_torch", full)
+    with pytest.raises(UserError, match=r"no space left on the device while writing checkpoint .*step_000002"):
+        _quick_save(tmp_path, 2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step_000001"]
+    assert load_checkpoint(tmp_path).step == 1
+
+
+# ----------------------------------------------------------------------------------------------- SIGKILL mid-save
+_KILL_SCRIPT = textwrap.dedent("""
+    import os, sys, time
+    from pathlib import Path
+    import torch
+    import nanotrain.checkpoint as ck
+
+    d, phase = Path(sys.argv[1]), sys.argv[2]
+
+    def state(step):
+        g = torch.Generator().manual_seed(step)
+        return {"w": torch.randn(256, 256, generator=g)}
+
+    ck.save_checkpoint(d, 1, state(1), {"m": torch.ones(3)}, {"loop_state": {"step": 1}}, rank_state={"pos": 1})
+
+    def stall():
+        print("STALLED", flush=True)
+        time.sleep(120)
+
+    if phase == "mid-file":  # inside torch.save of model.pt, half of it on disk
+        write = ck._HashingWriter.write
+        seen = {"n": 0}
+        def slow_write(self, data):
+            n = write(self, data)
+            seen["n"] += len(data)
+            if self.name == "model.pt" and seen["n"] > 100_000:
+                os.fsync(self.f.fileno())
+                stall()
+            return n
+        ck._HashingWriter.write = slow_write
+    elif phase == "before-rename":  # every file and CHECKSUMS written, the folder not yet renamed
+        rename = os.rename
+        def slow_rename(src, dst):
+            if ".tmp-" in str(src):
+                stall()
+            return rename(src, dst)
+        ck.os.rename = slow_rename
+    elif phase == "before-pointer":  # renamed, `latest` not yet moved
+        ck._write_latest = lambda *a: stall()
+    ck.save_checkpoint(d, 2, state(2), {"m": torch.zeros(3)}, {"loop_state": {"step": 2}}, rank_state={"pos": 2})
+    print("FINISHED", flush=True)
+""")
+
+
+@pytest.mark.parametrize("phase", ["mid-file", "before-rename", "before-pointer"])
+def test_sigkill_during_save_keeps_previous_checkpoint(tmp_path, phase):
+    script = tmp_path / "saver.py"
+    script.write_text(_KILL_SCRIPT)
+    d = tmp_path / "ckpts"
+    proc = subprocess.Popen([sys.executable, str(script), str(d), phase], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    timer = threading.Timer(60, proc.kill)  # never hang the suite
+    timer.start()
+    try:
+        line = proc.stdout.readline().strip()
+        assert line == "STALLED", f"saver said {line!r}: {proc.stderr.read()}"
+        os.kill(proc.pid, signal.SIGKILL)
+        assert proc.wait() == -signal.SIGKILL
+    finally:
+        timer.cancel()
+        proc.stdout.close()
+        proc.stderr.close()
+
+    leftovers = [p.name for p in d.iterdir() if ".tmp-" in p.name]
+    assert (tmp_path / "ckpts" / "latest").read_text() == "step_000001\n"
+    assert latest_step(d) == 1
+    ckpt = load_checkpoint(d, "latest")
+    assert ckpt.step == 1 and ckpt.rank_state == {"pos": 1} and ckpt.meta["loop_state"] == {"step": 1}
+    expected = torch.randn(256, 256, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(ckpt.model_state["w"], expected)
+    assert torch.equal(ckpt.optim_state["m"], torch.ones(3))
+    if phase == "before-pointer":
+        assert leftovers == [] and list_steps(d) == [1, 2]  # step 2 is complete and can be asked for by number
+        assert load_checkpoint(d, 2).rank_state == {"pos": 2}
+    else:
+        assert leftovers == [f"step_000002.tmp-{proc.pid}"] and list_steps(d) == [1]
+        if phase == "before-rename":  # the folder has every file and valid sums, yet is not a checkpoint
+            assert ck._is_complete(d / leftovers[0])
+    _quick_save(d, 3)  # the next save cleans up
+    assert [p.name for p in d.iterdir() if ".tmp-" in p.name] == []
+    assert latest_step(d) == 3
+
+
+# ----------------------------------------------------------------------------------------------- several ranks
+def _save_as_ranks(d: Path, step: int, world_size: int, optim_sharded: bool | None = None) -> list:
+    gate = threading.Barrier(world_size, timeout=30)
+    results, errors = [None] * world_size, []
+
+    def run(rank: int) -> None:
+        try:
+            meta = _meta() if optim_sharded is None else _meta(optim_sharded=optim_sharded)
+            model_state = {"w": torch.arange(6.0)} if rank == 0 else None
+            results[rank] = save_checkpoint(d, step, model_state, {"shard": torch.full((2,), float(rank))}, meta,
+                                            rank_state={"rank": rank, "rng": capture_rng_state()}, rank=rank,
+                                            world_size=world_size, barrier=gate.wait)
+        except BaseException as e:  # surfaced below
+            errors.append(e)
+            gate.abort()
+
+    threads = [threading.Thread(target=run, args=(r,)) for r in range(world_size)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+    return results
+
+
+def test_multi_rank_save_into_one_folder(tmp_path):
+    paths = _save_as_ranks(tmp_path, 7, world_size=3)
+    assert paths == [tmp_path / "step_000007"] * 3
+    names = sorted(p.name for p in paths[0].iterdir())
+    assert names == ["CHECKSUMS", "meta.json", "model.pt", "optim_rank0.pt", "optim_rank1.pt", "optim_rank2.pt",
+                     "rank0.pt", "rank1.pt", "rank2.pt"]
+    assert len((paths[0] / "CHECKSUMS").read_text().splitlines()) == 8
+    for rank in range(3):
+        ckpt = load_checkpoint(tmp_path, "latest", rank=rank)
+        assert torch.equal(ckpt.optim_state["shard"], torch.full((2,), float(rank)))
+        assert ckpt.rank_state["rank"] == rank
+        assert torch.equal(ckpt.model_state["w"], torch.arange(6.0))
+    meta = read_meta(tmp_path)
+    assert meta["world_size"] == 3 and meta["optim_sharded"] is True
+    # a 4th rank cannot invent a shard of a sharded optimizer state
+    with pytest.raises(UserError, match="no optimizer shard for rank 3.*resume with 3 processes"):
+        load_checkpoint(tmp_path, rank=3)
+    assert load_checkpoint(tmp_path, rank=3, load_optim=False).rank_state is None
+
+
+def test_multi_rank_unsharded_optimizer_serves_new_ranks(tmp_path):
+    _save_as_ranks(tmp_path, 1, world_size=2, optim_sharded=False)
+    ckpt = load_checkpoint(tmp_path, rank=2)
+    assert torch.equal(ckpt.optim_state["shard"], torch.zeros(2))  # rank 0's copy
+    assert ckpt.rank_state is None
+
+
+def test_multi_rank_without_barrier_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="needs a barrier"):
+        save_checkpoint(tmp_path, 1, {"w": torch.ones(1)}, None, _meta(), rank=0, world_size=2)
+
+
+# ----------------------------------------------------------------------------------------------- resume checks
+def _both(**changes):
+    saved = _meta(world_size=2, optim_sharded=True)
+    new = json.loads(json.dumps(saved))
+    for key, value in changes.items():
+        if key in ("depth", "device_batch_size", "total_batch_size", "eval_every", "save_every", "run",
+                   "matrix_lr", "sample_every", "core_metric_every"):
+            new["train_config"][key] = value
+        elif key == "n_layer":
+            new["model_config"]["n_layer"] = value
+        else:
+            new[key] = value
+    return saved, new
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"n_layer": 3, "depth": 3},
+     r"cannot resume: the model shape differs from the checkpoint's \(n_layer 2 -> 3\); resume with the "
+     r"checkpoint's options \(--depth=2\) or start a new run under another --model-tag"),
+    ({"tokenizer_fingerprint": "tok9"},
+     r"cannot resume: the tokenizer differs .* \(fingerprint tok0 -> tok9\); restore the tokenizer/ folder"),
+    ({"data_fingerprint": "data9"},
+     r"cannot resume: the training data differs .* \(fingerprint data0 -> data9\); restore the base_data/ shards"),
+    ({"world_size": 4},
+     r"cannot resume: the checkpoint was written by 2 processes with a sharded optimizer state and this run has 4; "
+     r"relaunch with 2 processes \(e\.g\. torchrun --nproc_per_node=2\)"),
+    ({"device_batch_size": 8},
+     r"cannot resume: --device-batch-size 4 -> 8 \(data stream \(rows per micro-batch\)\) changed since the "
+     r"checkpoint"),
+    ({"total_batch_size": 256, "matrix_lr": 0.04},
+     r"--total-batch-size 128 -> 256 \(tokens per step\), --matrix-lr 0.02 -> 0.04 \(optimizer hyperparameters\)"),
+])
+def test_resume_mismatch_refused(changes, message):
+    saved, new = _both(**changes)
+    with pytest.raises(UserError, match=message):
+        check_resume_compatible(saved, new)
+
+
+def test_resume_cadence_changes_allowed():
+    saved, new = _both(eval_every=50, save_every=100, run="second-try", sample_every=-1, core_metric_every=-1)
+    new["loop_state"] = {"anything": 1}
+    check_resume_compatible(saved, new)
+
+
+def test_resume_world_size_change_allowed_when_not_sharded():
+    saved, new = _both(world_size=4)
+    saved["optim_sharded"] = False
+    check_resume_compatible(saved, new)
+    # unknown fields on either side are not compared (older checkpoints)
+    check_resume_compatible({"model_config": saved["model_config"]}, new)
+
+
+def test_resume_check_against_a_saved_meta(tmp_path):
+    _quick_save(tmp_path, 1)
+    saved = read_meta(tmp_path)
+    new = _meta(world_size=1)
+    check_resume_compatible(saved, new)
+    new["model_config"] = dict(new["model_config"], n_embd=16)
+    with pytest.raises(UserError, match=r"n_embd 8 -> 16"):
+        check_resume_compatible(saved, new)
+
+
+# ----------------------------------------------------------------------------------------------- RNG
+def _draw() -> tuple:
+    return torch.rand(4).tolist(), torch.randn(3).tolist(), random.random(), random.gauss(0, 1), \
+        np.random.rand(3).tolist(), np.random.randn(2).tolist()
+
+
+def test_rng_capture_restore_reproduces_draws(tmp_path):
+    random.seed(7)
+    np.random.seed(7)
+    random.gauss(0, 1)  # leave a cached gaussian in both generators
+    np.random.randn(1)
+    state = capture_rng_state()
+    first = _draw()
+    _draw()
+    restore_rng_state(state)
+    assert _draw() == first
+    # and through a checkpoint file (weights_only load)
+    save_checkpoint(tmp_path, 1, {"w": torch.ones(1)}, None, _meta(), rank_state={"rng": state})
+    _draw()
+    restore_rng_state(load_checkpoint(tmp_path).rank_state["rng"])
+    assert _draw() == first
+
+
+# ----------------------------------------------------------------------------------------------- load_model
+def _fake_modules(fingerprint: str) -> tuple[types.ModuleType, types.ModuleType]:
+    import dataclasses
+
+    @dataclasses.dataclass(frozen=True)
+    class GPTConfig:
+        vocab_size: int = 11
+        n_embd: int = 8
+
+    class GPT(nn.Module):
+        def __init__(self, config):
+            super().__init__()
+            self.config = config
+            self.wte = nn.Embedding(config.vocab_size, config.n_embd)
+            self.register_buffer("table", torch.empty(3), persistent=False)
+
+        def init_weights(self):
+            nn.init.normal_(self.wte.weight)
+            self.table = torch.arange(3.0, device=self.wte.weight.device)
+
+    model_mod = types.ModuleType("nanotrain.model")
+    model_mod.GPT, model_mod.GPTConfig = GPT, GPTConfig
+    tok_mod = types.ModuleType("nanotrain.data.tokenizer")
+    tok_mod.load_tokenizer = lambda base_dir=None: types.SimpleNamespace(fingerprint=fingerprint, base_dir=base_dir)
+    return model_mod, tok_mod
+
+
+def test_load_model_with_stand_ins(tmp_path, monkeypatch):
+    model_mod, tok_mod = _fake_modules("tok0")
+    monkeypatch.setitem(sys.modules, "nanotrain.model", model_mod)
+    monkeypatch.setitem(sys.modules, "nanotrain.data.tokenizer", tok_mod)
+    trained = model_mod.GPT(model_mod.GPTConfig())
+    trained.init_weights()
+    d = tmp_path / "base_checkpoints" / "tiny"
+    meta = _meta(model_config={"vocab_size": 11, "n_embd": 8})
+    save_checkpoint(d, 4, trained.state_dict(), None, meta)
+    model, tok, got_meta = ck.load_model("tiny", "latest", base_dir=tmp_path)
+    assert not model.training and got_meta["step"] == 4 and tok.fingerprint == "tok0"
+    assert torch.equal(model.wte.weight, trained.wte.weight)
+    assert torch.equal(model.table, torch.arange(3.0))
+
+    _, other_tok = _fake_modules("tok9")
+    monkeypatch.setitem(sys.modules, "nanotrain.data.tokenizer", other_tok)
+    with pytest.raises(UserError, match=r"fingerprint tok9\) is not the one .* \(fingerprint tok0\)"):
+        ck.load_model("tiny", 4, base_dir=tmp_path)
+    monkeypatch.setitem(sys.modules, "nanotrain.data.tokenizer", tok_mod)
+    save_checkpoint(d, 5, trained.state_dict(), None, _meta(model_config={"vocab_size": 11, "n_embd": 8,
+                                                                            "n_experts": 4}))
+    with pytest.raises(UserError, match=r"model options this nanotrain does not know \(n_experts\)"):
+        ck.load_model("tiny", 5, base_dir=tmp_path)
+    with pytest.raises(UserError, match=r"no checkpoint at .*other"):
+        ck.load_model("other", base_dir=tmp_path)
+
+
+def test_load_model_real_gpt(tmp_path, monkeypatch):
+    gpt = pytest.importorskip("nanotrain.model")
+    if not hasattr(gpt, "build_model"):
+        pytest.skip("nanotrain.model has no build_model yet")
+    _, tok_mod = _fake_modules("tok0")
+    monkeypatch.setitem(sys.modules, "nanotrain.data.tokenizer", tok_mod)
+    cfg = gpt.GPTConfig(sequence_len=16, vocab_size=70, n_layer=2, n_head=2, n_kv_head=1, n_embd=16,
+                        window_pattern="SL")
+    trained = gpt.build_model(cfg, "cpu")
+    import dataclasses
+    d = tmp_path / "base_checkpoints" / "d2"
+    save_checkpoint(d, 1, trained.state_dict(), None, _meta(model_config=dataclasses.asdict(cfg)))
+    model, _, _ = ck.load_model("d2", base_dir=tmp_path)
+    sd, ref = model.state_dict(), trained.state_dict()
+    assert sd.keys() == ref.keys()
+    for k in ref:
+        assert torch.equal(sd[k], ref[k].float()), k
