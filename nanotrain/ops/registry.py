@@ -19,6 +19,7 @@ tests, far too slow to be picked automatically).
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import threading
@@ -76,6 +77,16 @@ def register(op: str, name: str, fn: Callable, check: Check = always, descriptio
         existing[:] = [b for b in existing if b.name != name] + [backend]
         _state.cache.clear()
     return backend
+
+
+def unregister(op: str, name: str | None = None) -> None:
+    """Remove backend `name` of `op` (all of the op's backends when name is None); for tests' fake ops."""
+    with _state.lock:
+        if name is None:
+            _state.backends.pop(op, None)
+        elif op in _state.backends:
+            _state.backends[op] = [b for b in _state.backends[op] if b.name != name]
+        _state.cache.clear()
 
 
 def ops() -> list[str]:
@@ -142,10 +153,16 @@ def forced_choice(op: str) -> tuple[str, str] | None:
             return choices[op], "forced in code"
     if op in _state.overrides:
         return _state.overrides[op], "--kernels"
-    env = parse_overrides(os.environ.get(ENV_VAR))
+    env = _env_overrides(os.environ.get(ENV_VAR))
     if op in env:
         return env[op], ENV_VAR
     return None
+
+
+@functools.lru_cache(maxsize=8)
+def _env_overrides(spec: str | None) -> dict[str, str]:
+    """parse_overrides of the environment variable, parsed once per value (select runs on every op call)."""
+    return parse_overrides(spec)
 
 
 def _interpreter_on() -> bool:
