@@ -48,6 +48,7 @@ from nanotrain.errors import UserError
 
 EVAL_BUNDLE_URL = "https://karpathy-public.s3.us-west-2.amazonaws.com/eval_bundle.zip"  # nanochat's address
 BUNDLE_ENV_VAR = "NANOTRAIN_EVAL_BUNDLE"  # points at an unpacked bundle folder, like --bundle-dir
+BUNDLE_URL_ENV_VAR = "NANOTRAIN_EVAL_BUNDLE_URL"  # downloads from a mirror instead of EVAL_BUNDLE_URL
 TASK_TYPES = ("multiple_choice", "schema", "language_modeling")
 SHUFFLE_SEED = 1337        # the order of each task's rows (nanochat's seed)
 FEWSHOT_SEED_BASE = 1234   # few-shot draw for row i uses seed FEWSHOT_SEED_BASE + i (nanochat's)
@@ -60,14 +61,14 @@ def _is_bundle(folder: Path) -> bool:
     return (folder / "core.yaml").is_file() and (folder / "eval_meta_data.csv").is_file()
 
 
-def ensure_eval_bundle(base_dir: str | os.PathLike | None = None, url: str = EVAL_BUNDLE_URL,
+def ensure_eval_bundle(base_dir: str | os.PathLike | None = None, url: str | None = None,
                        bundle_dir: str | os.PathLike | None = None, timeout: float = 60.0) -> Path:
     """The folder of the CORE bundle, downloading and unpacking it on first use.
 
     Order: `bundle_dir` (e.g. --bundle-dir), then $NANOTRAIN_EVAL_BUNDLE, then <base>/eval_bundle; when the
-    last is missing it is downloaded from `url` under an exclusive fcntl lock (other ranks wait and then
-    find it) and unpacked into a temporary folder that is renamed into place, so a crash never leaves a
-    half-written bundle behind.
+    last is missing it is downloaded from `url` (default $NANOTRAIN_EVAL_BUNDLE_URL, else nanochat's
+    address) under an exclusive fcntl lock (other ranks wait and then find it) and unpacked into a
+    temporary folder that is renamed into place, so a crash never leaves a half-written bundle behind.
     """
     explicit = bundle_dir or os.environ.get(BUNDLE_ENV_VAR)
     if explicit:
@@ -84,7 +85,7 @@ def ensure_eval_bundle(base_dir: str | os.PathLike | None = None, url: str = EVA
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
         if _is_bundle(target):            # another rank (or process) finished it while we waited
             return target
-        _download_and_unpack(url, target, timeout)
+        _download_and_unpack(url or os.environ.get(BUNDLE_URL_ENV_VAR) or EVAL_BUNDLE_URL, target, timeout)
     return target
 
 
