@@ -1,0 +1,230 @@
+"""Triton kernels for FP8 training: the scaling glue (absmax + scale + saturating cast, with an optional
+transposed copy) and an FP8 GEMM that applies the dequantization scales in its epilogue.
+
+Conventions (shared with nanotrain/ops/fp8.py, which owns dispatch, checks and autograd):
+  scale = fp8_max / max(amax, eps)        the quantization multiplier (x_fp8 ~ x * scale)
+  x_fp8 = cast(clamp(x * scale, +-fp8_max)) rounded to nearest even, never inf/NaN from overflow
+  mode  = -1: one scale for the tensor; 1: one scale per row (amax over columns); 0: one per column
+  power_of_2: the scale is rounded down to a power of two (its mantissa bits cleared)
+  out   = (a_fp8 @ b_fp8) / (scale_a * scale_b), accumulated in fp32
+
+The fp32 -> fp8 rounding is done explicitly on the fp32 grid of the target format before the cast
+(`_round_to_fp8_grid`), so that the final cast is exact. This costs a few integer ops in a
+memory-bound kernel and makes the bytes identical everywhere: the Triton interpreter's own fp8
+conversion mis-rounds values whose rounding carries into the exponent (125.7 -> 64 instead of 128).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+# (mantissa bits, smallest normal exponent) per fp8 format: the grid `_round_to_fp8_grid` rounds onto.
+FP8_FORMATS = {
+    torch.float8_e4m3fn: (3, -6),
+    torch.float8_e5m2: (2, -14),
+}
+EPS = 1e-12  # amax floor: an all-zero tensor gets a finite scale instead of inf
+
+
+@triton.jit
+def _round_to_fp8_grid(v, MANT_BITS: tl.constexpr, MIN_EXP: tl.constexpr):
+    """Round fp32 `v` to the nearest (ties to even) value representable with MANT_BITS mantissa bits
+    and exponent >= MIN_EXP (subnormals below it), keeping the sign (also of values that round to 0)."""
+    bits = v.to(tl.int32, bitcast=True)
+    sign = bits & -2147483648  # 0x80000000
+    a = tl.abs(v)
+    e = ((a.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127
+    e = tl.maximum(e, MIN_EXP)
+    # magic = 1.5 * 2^(e - MANT_BITS + 23): its ulp is the fp8 quantum 2^(e - MANT_BITS) for this binade,
+    # so (a + magic) - magic rounds a to a multiple of the quantum by the fp32 adder's round-to-nearest-even.
+    magic = ((e - MANT_BITS + 150) << 23).to(tl.float32, bitcast=True) * 1.5
+    r = (a + magic) - magic
+    return (r.to(tl.int32, bitcast=True) | sign).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _fp8_amax_kernel(x_ptr, amax_ptr, R, C, stride_xr, stride_xc,
+                     MODE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """amax of |x| for a (R, C) tensor: MODE -1 -> amax_ptr[0], 1 -> amax_ptr[r] (per row), 0 -> amax_ptr[c].
+
+    Each program owns BLOCK_R rows and walks all columns. Per-row maxima are stored directly; per-column
+    and whole-tensor maxima are combined across programs with atomic max (amax_ptr must start at 0).
+    """
+    pid = tl.program_id(0)
+    offs_r = pid * BLOCK_R + tl.arange(0, BLOCK_R)
+    mask_r = offs_r < R
+    row_max = tl.zeros([BLOCK_R], dtype=tl.float32)
+    for c0 in range(0, C, BLOCK_C):
+        offs_c = c0 + tl.arange(0, BLOCK_C)
+        mask = mask_r[:, None] & (offs_c[None, :] < C)
+        x = tl.load(x_ptr + offs_r[:, None] * stride_xr + offs_c[None, :] * stride_xc, mask=mask, other=0.0)
+        a = tl.abs(x.to(tl.float32))
+        if MODE == 0:
+            tl.atomic_max(amax_ptr + offs_c, tl.max(a, axis=0), mask=offs_c < C)
+        else:
+            row_max = tl.maximum(row_max, tl.max(a, axis=1))
+    if MODE == 1:
+        tl.store(amax_ptr + offs_r, row_max, mask=mask_r)
+    if MODE == -1:
+        tl.atomic_max(amax_ptr, tl.max(row_max, axis=0))
+
+
+@triton.jit
+def _fp8_scale_from_amax(amax, FP8_MAX: tl.constexpr, EPS_: tl.constexpr, POW2: tl.constexpr):
+    scale = tl.math.div_rn(tl.full(amax.shape, FP8_MAX, tl.float32), tl.maximum(amax, EPS_))
+    if POW2:
+        scale = (scale.to(tl.int32, bitcast=True) & 0x7F800000).to(tl.float32, bitcast=True)
+    return scale
+
+
+@triton.jit
+def _fp8_cast_kernel(x_ptr, amax_ptr, out_ptr, out_t_ptr, scale_ptr, R, C, stride_xr, stride_xc,
+                     MODE: tl.constexpr, FP8_MAX: tl.constexpr, EPS_: tl.constexpr, POW2: tl.constexpr,
+                     MANT_BITS: tl.constexpr, MIN_EXP: tl.constexpr, WRITE_MAIN: tl.constexpr,
+                     WRITE_T: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Scale, saturate and cast one (BLOCK_R, BLOCK_C) tile of x to fp8 given the amax from
+    _fp8_amax_kernel: out[r, c] (contiguous (R, C)) and/or out_t[c, r] (contiguous (C, R), the transposed
+    copy that the backward GEMMs want as a column-major operand). Also writes the scales."""
+    pid_r = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask_r = offs_r < R
+    mask_c = offs_c < C
+    mask = mask_r[:, None] & mask_c[None, :]
+    x = tl.load(x_ptr + offs_r[:, None] * stride_xr + offs_c[None, :] * stride_xc, mask=mask, other=0.0)
+    if MODE == -1:
+        scale = _fp8_scale_from_amax(tl.load(amax_ptr), FP8_MAX, EPS_, POW2)
+        v = x.to(tl.float32) * scale
+        if (pid_r == 0) & (pid_c == 0):
+            tl.store(scale_ptr, scale)
+    elif MODE == 1:
+        scale = _fp8_scale_from_amax(tl.load(amax_ptr + offs_r, mask=mask_r, other=1.0), FP8_MAX, EPS_, POW2)
+        v = x.to(tl.float32) * scale[:, None]
+        if pid_c == 0:
+            tl.store(scale_ptr + offs_r, scale, mask=mask_r)
+    else:
+        scale = _fp8_scale_from_amax(tl.load(amax_ptr + offs_c, mask=mask_c, other=1.0), FP8_MAX, EPS_, POW2)
+        v = x.to(tl.float32) * scale[None, :]
+        if pid_r == 0:
+            tl.store(scale_ptr + offs_c, scale, mask=mask_c)
+    v = tl.minimum(tl.maximum(v, -FP8_MAX), FP8_MAX)
+    q = _round_to_fp8_grid(v, MANT_BITS, MIN_EXP).to(out_ptr.dtype.element_ty)
+    if WRITE_MAIN:
+        tl.store(out_ptr + offs_r[:, None] * C + offs_c[None, :], q, mask=mask)
+    if WRITE_T:
+        tl.store(out_t_ptr + offs_c[None, :] * R + offs_r[:, None], q, mask=mask)
+
+
+def quantize(x: torch.Tensor, fp8_dtype: torch.dtype, mode: int, power_of_2: bool, write_main: bool,
+             write_t: bool, out: torch.Tensor | None = None, out_t: torch.Tensor | None = None,
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Launch amax + cast for a 2-D x (R, C). Returns (q (R, C) or empty, scale, q_t (C, R) or empty);
+    scale is () for mode -1, (R, 1) for mode 1, (1, C) for mode 0, float32. `out` / `out_t` may be given
+    (contiguous, the right shape and dtype), e.g. NaN-poisoned by tests."""
+    assert x.dim() == 2 and mode in (-1, 0, 1)
+    R, C = x.shape
+    mant, min_exp = FP8_FORMATS[fp8_dtype]
+    fp8_max = torch.finfo(fp8_dtype).max
+    amax = torch.zeros(1 if mode == -1 else (R if mode == 1 else C), device=x.device, dtype=torch.float32)
+    scale_shape = () if mode == -1 else ((R, 1) if mode == 1 else (1, C))
+    scale = torch.empty(scale_shape, device=x.device, dtype=torch.float32)
+    q = out if out is not None else torch.empty((R, C) if write_main else (0,), device=x.device, dtype=fp8_dtype)
+    q_t = out_t if out_t is not None else torch.empty((C, R) if write_t else (0,), device=x.device,
+                                                      dtype=fp8_dtype)
+    assert q.is_contiguous() and q_t.is_contiguous() and q.dtype == q_t.dtype == fp8_dtype
+    assert q.shape == ((R, C) if write_main else (0,)) and q_t.shape == ((C, R) if write_t else (0,))
+    if R == 0 or C == 0:
+        scale.fill_(fp8_max / EPS)
+        return q, scale, q_t
+    on_gpu = x.is_cuda
+    block_r = 32 if on_gpu else 16
+    block_c = min(256 if on_gpu else 64, triton.next_power_of_2(C))
+    _fp8_amax_kernel[(triton.cdiv(R, block_r),)](
+        x, amax, R, C, x.stride(0), x.stride(1), MODE=mode, BLOCK_R=block_r, BLOCK_C=block_c)
+    tile = 64 if on_gpu else 32
+    grid = (triton.cdiv(R, tile), triton.cdiv(C, tile))
+    _fp8_cast_kernel[grid](
+        x, amax, q, q_t, scale, R, C, x.stride(0), x.stride(1), MODE=mode, FP8_MAX=fp8_max, EPS_=EPS,
+        POW2=power_of_2, MANT_BITS=mant, MIN_EXP=min_exp, WRITE_MAIN=write_main, WRITE_T=write_t,
+        BLOCK_R=tile, BLOCK_C=tile)
+    return q, scale, q_t
+
+
+@triton.jit
+def _fp8_matmul_kernel(a_ptr, b_ptr, c_ptr, sa_ptr, sb_ptr, M, N, K,
+                       stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn, stride_sa, stride_sb,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                       GROUP_M: tl.constexpr):
+    """c = (a @ b) * (1 / scale_a)[:, None] * (1 / scale_b)[None, :] for fp8 a (M, K), b (K, N).
+
+    Accumulates in fp32 over K; scales are per row of a / per column of b (stride_sa / stride_sb = 1) or one
+    per tensor (stride 0). Tiles are visited in groups of GROUP_M rows so consecutive programs share b.
+    """
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    group = GROUP_M * num_n
+    first_m = (pid // group) * GROUP_M
+    size_m = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + ((pid % group) % size_m)
+    pid_n = (pid % group) // size_m
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    a_ptrs = a_ptr + offs_m[:, None] * stride_am + offs_k[None, :] * stride_ak
+    b_ptrs = b_ptr + offs_k[:, None] * stride_bk + offs_n[None, :] * stride_bn
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k_ok = (k0 + offs_k) < K
+        a = tl.load(a_ptrs, mask=(offs_m[:, None] < M) & k_ok[None, :], other=0.0)
+        b = tl.load(b_ptrs, mask=k_ok[:, None] & (offs_n[None, :] < N), other=0.0)
+        acc = tl.dot(a, b, acc, out_dtype=tl.float32)
+        a_ptrs += BLOCK_K * stride_ak
+        b_ptrs += BLOCK_K * stride_bk
+    sa = tl.load(sa_ptr + offs_m * stride_sa, mask=offs_m < M, other=1.0)
+    sb = tl.load(sb_ptr + offs_n * stride_sb, mask=offs_n < N, other=1.0)
+    acc = acc * (1.0 / sa)[:, None] * (1.0 / sb)[None, :]
+    c = acc.to(c_ptr.dtype.element_ty)
+    mask_c = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+    tl.store(c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn, c, mask=mask_c)
+
+
+_GPU_CONFIGS = [
+    triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_stages=s, num_warps=w)
+    for bm, bn, bk, s, w in [
+        (128, 256, 128, 3, 8), (256, 128, 128, 3, 8), (128, 128, 128, 4, 8), (128, 128, 64, 4, 4),
+        (128, 64, 128, 4, 4), (64, 128, 128, 4, 4), (64, 64, 128, 4, 4),
+    ]
+]
+_fp8_matmul_tuned = triton.autotune(configs=_GPU_CONFIGS, key=["M", "N", "K", "stride_sa", "stride_sb"])(
+    _fp8_matmul_kernel)
+
+
+def matmul(a: torch.Tensor, b: torch.Tensor, scale_a: torch.Tensor, scale_b: torch.Tensor,
+           out_dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Launch the FP8 GEMM: a (M, K) fp8, b (K, N) fp8 (any strides), scale_a () or (M, 1), scale_b () or
+    (1, N) float32 -> (M, N) in out_dtype (into `out` when given). Autotuned on a GPU, one small tile
+    under the interpreter."""
+    M, K = a.shape
+    N = b.shape[1]
+    assert b.shape[0] == K, f"fp8 matmul: a {tuple(a.shape)} and b {tuple(b.shape)} do not chain"
+    if out is None:
+        out = torch.empty((M, N), device=a.device, dtype=out_dtype)
+    assert out.shape == (M, N) and out.dtype == out_dtype
+    sa = scale_a.reshape(-1).to(torch.float32)
+    sb = scale_b.reshape(-1).to(torch.float32)
+    stride_sa = 1 if sa.numel() > 1 else 0
+    stride_sb = 1 if sb.numel() > 1 else 0
+    args = (a, b, out, sa, sb, M, N, K, a.stride(0), a.stride(1), b.stride(0), b.stride(1),
+            out.stride(0), out.stride(1), stride_sa, stride_sb)
+    if a.is_cuda:
+        def grid(meta):
+            return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
+        _fp8_matmul_tuned[grid](*args)
+    else:
+        bm, bn, bk = 16, 16, 32
+        _fp8_matmul_kernel[(triton.cdiv(M, bm) * triton.cdiv(N, bn),)](
+            *args, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=4)
+    return out

@@ -1,0 +1,452 @@
+"""FP8 training for linear layers: dynamic scaling, saturating casts, scaled GEMMs and the autograd of a
+linear whose three GEMMs (forward, grad-input, grad-weight) all run in FP8.
+
+A linear layer computes, with x (M, K), W (N, K) and dY (M, N):
+    forward      y      = x  @ W.T     (M, N)
+    grad-input   dx     = dY @ W       (M, K)
+    grad-weight  dW     = dY.T @ x     (N, K)
+Each GEMM operand is quantized on the fly: scale = fp8_max / amax (amax floored at EPS so an all-zero
+tensor gets a finite scale), x_fp8 = cast(clamp(x * scale, -fp8_max, fp8_max)) rounded to nearest even,
+and the GEMM divides its fp32 accumulator by scale_a * scale_b. The clamp makes every cast saturating:
+out-of-range values become ±fp8_max, never inf or NaN. The fp32 master weights are never modified.
+
+Recipes (Float8Config.from_recipe), following torchao's float8 training recipes:
+  tensorwise  one fp32 scale per tensor; x and W in e4m3, dY in e5m2 (range for gradients); the forward
+              GEMM uses fast accumulation, the two backward GEMMs do not. The forward saves the fp8
+              copies (transposed, as the backward wants them), so the backward re-reads no bf16.
+  rowwise     one scale per row of the left operand and per column of the right (amax along the GEMM's
+              inner dimension), so every GEMM needs its operands scaled along a different axis: x and dY
+              are each quantized twice. e4m3 everywhere (per-row scales leave enough range for
+              gradients) with scales rounded down to powers of two, fast accumulation in all GEMMs.
+
+Backends (see registry.py): op "fp8_matmul": scaled_mm (torch._scaled_mm / cuBLASLt, CUDA sm89+;
+rowwise needs sm90), triton (kernels/fp8.py, scales applied in the epilogue), reference (dequantize to
+fp32 and matmul, anywhere). Op "fp8_quantize": triton (fused absmax + scale + cast + transposed copy),
+reference. The registry keeps the first available; a per-shape measured choice between scaled_mm and
+triton is left for when a GPU has measured both (benchmarks/bench_fp8.py).
+
+The quantize and the GEMM are torch.library custom ops (nanotrain::fp8_cast, nanotrain::fp8_mm) with
+fake implementations, so torch.compile traces the autograd.Function around them as opaque nodes and
+the backend choice happens at run time.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+from nanotrain.errors import UserError
+from nanotrain.ops import registry
+
+E4M3 = torch.float8_e4m3fn
+E5M2 = torch.float8_e5m2
+EPS = 1e-12  # amax floor (kernels/fp8.py uses the same)
+MIN_FEATURES = 128  # the default filter leaves linears with a smaller dimension in bf16
+SKIP_NAMES = ("lm_head",)  # the default filter keeps the output projection in bf16 (torchtitan's default)
+RECIPES = ("tensorwise", "rowwise")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Configuration
+
+
+@dataclass(frozen=True)
+class Float8Config:
+    """How a Float8Linear scales and casts: granularity, the fp8 format per operand, scale rounding and
+    fast accumulation per GEMM. Build it with `Float8Config.from_recipe(name)`."""
+    recipe: str = "tensorwise"
+    rowwise: bool = False
+    input_dtype: torch.dtype = E4M3
+    weight_dtype: torch.dtype = E4M3
+    grad_dtype: torch.dtype = E5M2
+    power_of_2_scales: bool = False
+    fast_accum_forward: bool = True
+    fast_accum_backward: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("input_dtype", "weight_dtype", "grad_dtype"):
+            if getattr(self, name) not in (E4M3, E5M2):
+                raise ValueError(f"Float8Config.{name} must be float8_e4m3fn or float8_e5m2, "
+                                 f"got {getattr(self, name)}")
+        if self.input_dtype == E5M2 and self.weight_dtype == E5M2:
+            raise ValueError("Float8Config: the forward GEMM cannot take two e5m2 operands")
+
+    @classmethod
+    def from_recipe(cls, name: str) -> Float8Config:
+        """The config of a named recipe: "tensorwise" or "rowwise" (see the module doc)."""
+        if name == "tensorwise":
+            return cls(recipe="tensorwise")
+        if name == "rowwise":
+            return cls(recipe="rowwise", rowwise=True, grad_dtype=E4M3, power_of_2_scales=True,
+                       fast_accum_forward=True, fast_accum_backward=True)
+        raise UserError(f"unknown FP8 recipe '{name}'; use --fp8-recipe tensorwise or --fp8-recipe rowwise.")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Quantization: the reference definition
+
+
+def _fp8_max(dtype: torch.dtype) -> float:
+    return float(torch.finfo(dtype).max)
+
+
+def scale_from_amax(amax: Tensor, fp8_dtype: torch.dtype, power_of_2: bool = False) -> Tensor:
+    """fp8_max / max(amax, EPS) in float32 (optionally rounded down to a power of two)."""
+    scale = (_fp8_max(fp8_dtype) / amax.double().clamp(min=EPS)).float()
+    if power_of_2:  # clear the mantissa bits: 2^floor(log2(scale)), exactly, for any positive normal scale
+        scale = (scale.view(torch.int32) & 0x7F800000).view(torch.float32)
+    return scale
+
+
+def to_fp8_saturated(x: Tensor, dtype: torch.dtype) -> Tensor:
+    """Cast already-scaled values to `dtype`, clamping to ±fp8_max first: a plain cast would turn values
+    past the range into inf (e5m2) or NaN, silently."""
+    fp8_max = _fp8_max(dtype)
+    return x.float().clamp(-fp8_max, fp8_max).to(dtype)
+
+
+def quantize(x: Tensor, dtype: torch.dtype = E4M3, axis: int | None = None,
+             power_of_2: bool = False) -> tuple[Tensor, Tensor]:
+    """Scale x into the range of `dtype` and cast with saturation (the reference definition).
+
+    axis=None: one scale for the whole tensor (scale shape ()); axis=d: amax is taken along dimension d,
+    so there is one scale per slice across it (scale keeps d with size 1: for x (R, C), axis=-1 gives
+    per-row scales (R, 1), axis=0 per-column scales (1, C)). Returns (x_fp8, scale) with
+    x_fp8 ~ x * scale; dequantize(x_fp8, scale) ~ x.
+    """
+    xf = x.float()
+    amax = xf.abs().amax() if axis is None else xf.abs().amax(dim=axis, keepdim=True)
+    scale = scale_from_amax(amax, dtype, power_of_2)
+    return to_fp8_saturated(xf * scale, dtype), scale
+
+
+def dequantize(x_fp8: Tensor, scale: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
+    """x_fp8 / scale in `dtype` (scale broadcasts: () or with size-1 dims as quantize returns it)."""
+    return (x_fp8.float() / scale).to(dtype)
+
+
+def sqnr(ref: Tensor, approx: Tensor) -> float:
+    """Signal-to-quantization-noise ratio in dB: 20 log10(‖ref‖ / ‖ref - approx‖) (inf when equal)."""
+    ref, approx = ref.double(), approx.double()
+    noise = torch.linalg.vector_norm(ref - approx).item()
+    signal = torch.linalg.vector_norm(ref).item()
+    return math.inf if noise == 0 else 20.0 * math.log10(signal / noise)
+
+
+# The mode of a 2-D cast (shared with kernels/fp8.py): -1 one scale per tensor, 1 per row, 0 per column.
+_MODE_AXIS = {-1: None, 1: 1, 0: 0}
+
+
+def reference_cast(x: Tensor, fp8_dtype: torch.dtype, mode: int, power_of_2: bool, write_main: bool,
+                   write_t: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """x: (R, C) -> (x_fp8 (R, C) or empty, scale, x_fp8.T contiguous (C, R) or empty), via `quantize`."""
+    q, scale = quantize(x, fp8_dtype, _MODE_AXIS[mode], power_of_2)
+    empty = q.new_empty((0,))
+    return (q if write_main else empty), scale, (q.t().contiguous() if write_t else empty)
+
+
+def triton_cast(x: Tensor, fp8_dtype: torch.dtype, mode: int, power_of_2: bool, write_main: bool,
+                write_t: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """The fused Triton absmax + scale + cast (+ transposed copy): same contract as reference_cast."""
+    from nanotrain.kernels import fp8 as kernels
+
+    return kernels.quantize(x, fp8_dtype, mode, power_of_2, write_main, write_t)
+
+
+def _fp8_capability_reason(device: torch.device) -> str | None:
+    """None on an NVIDIA GPU with FP8 tensor cores (sm89+), else a description of the device."""
+    if device.type != "cuda":
+        return {"cpu": "the CPU", "mps": "an Apple GPU (MPS)"}.get(device.type, device.type)
+    if getattr(torch.version, "hip", None):
+        return f"{torch.cuda.get_device_name(device)} (ROCm)"
+    major, minor = torch.cuda.get_device_capability(device)
+    if (major, minor) < (8, 9):
+        return f"{torch.cuda.get_device_name(device)} (compute capability {major}.{minor})"
+    return None
+
+
+def _check_triton(device: torch.device, dtype: torch.dtype, **props) -> str | None:
+    if device.type == "cpu":
+        return None  # the registry allows the interpreter only when forced under TRITON_INTERPRET=1
+    why = _fp8_capability_reason(device)
+    return None if why is None else f"FP8 Triton kernels need CUDA sm89+, this device is {why}"
+
+
+registry.register("fp8_quantize", "triton", triton_cast, _check_triton, interpreter=True,
+                  description="fused Triton absmax + scale + saturating cast (+ transposed copy)")
+registry.register("fp8_quantize", "reference", reference_cast, description="pure-PyTorch amax, scale and cast")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Scaled GEMM backends: out = (a_fp8 @ b_fp8) / (scale_a * scale_b)
+
+
+def reference_scaled_mm(a: Tensor, b: Tensor, scale_a: Tensor, scale_b: Tensor, out_dtype: torch.dtype,
+                        use_fast_accum: bool = False) -> Tensor:
+    """Dequantize to fp32 and matmul. a (M, K), b (K, N) fp8; scale_a () or (M, 1); scale_b () or (1, N)."""
+    return (dequantize(a, scale_a) @ dequantize(b, scale_b)).to(out_dtype)
+
+
+def cublas_scaled_mm(a: Tensor, b: Tensor, scale_a: Tensor, scale_b: Tensor, out_dtype: torch.dtype,
+                     use_fast_accum: bool = False) -> Tensor:
+    """torch._scaled_mm (cuBLASLt tensorwise, CUTLASS rowwise). It wants a row-major, b column-major and
+    the dequantization (inverse) scales; rowwise scaling needs a bf16 output (cast after if needed)."""
+    M, N = a.shape[0], b.shape[1]
+    rowwise = scale_a.numel() > 1 or scale_b.numel() > 1
+    a = a.contiguous()
+    if b.stride(0) != 1:
+        b = b.t().contiguous().t()
+    inv_a, inv_b = scale_a.float().reciprocal(), scale_b.float().reciprocal()
+    if rowwise:  # both scales as vectors: (M, 1) and (1, N)
+        inv_a = inv_a.reshape(-1, 1).expand(M, 1).contiguous()
+        inv_b = inv_b.reshape(1, -1).expand(1, N).contiguous()
+    mm_dtype = torch.bfloat16 if rowwise else out_dtype
+    out = torch._scaled_mm(a, b, scale_a=inv_a, scale_b=inv_b, out_dtype=mm_dtype, use_fast_accum=use_fast_accum)
+    return out if mm_dtype == out_dtype else out.to(out_dtype)
+
+
+def triton_scaled_mm(a: Tensor, b: Tensor, scale_a: Tensor, scale_b: Tensor, out_dtype: torch.dtype,
+                     use_fast_accum: bool = False) -> Tensor:
+    """The Triton FP8 GEMM (kernels/fp8.py), fp32 accumulation, scales applied in the epilogue."""
+    from nanotrain.kernels import fp8 as kernels
+
+    return kernels.matmul(a, b, scale_a, scale_b, out_dtype)
+
+
+def _check_scaled_mm(device: torch.device, dtype: torch.dtype, rowwise: bool = False, aligned: bool = True,
+                     **props) -> str | None:
+    if device.type != "cuda":
+        return "torch._scaled_mm needs a CUDA GPU"
+    why = _fp8_capability_reason(device)
+    if why is not None:
+        return f"FP8 tensor cores need compute capability 8.9+, this device is {why}"
+    if rowwise and torch.cuda.get_device_capability(device) < (9, 0):
+        return "rowwise-scaled torch._scaled_mm needs sm90+"
+    if not aligned:
+        return "torch._scaled_mm needs every GEMM dimension divisible by 16"
+    return None
+
+
+registry.register("fp8_matmul", "scaled_mm", cublas_scaled_mm, _check_scaled_mm,
+                  description="torch._scaled_mm (cuBLASLt / CUTLASS FP8)")
+registry.register("fp8_matmul", "triton", triton_scaled_mm, _check_triton, interpreter=True,
+                  description="Triton FP8 GEMM, scales in the epilogue")
+registry.register("fp8_matmul", "reference", reference_scaled_mm, description="dequantize to fp32 and matmul")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Custom ops (opaque to torch.compile; the backend is chosen when they run)
+
+
+@torch.library.custom_op("nanotrain::fp8_cast", mutates_args=())
+def _fp8_cast_op(x: Tensor, fp8_dtype: torch.dtype, mode: int, power_of_2: bool, write_main: bool,
+                 write_t: bool) -> tuple[Tensor, Tensor, Tensor]:
+    backend = registry.select("fp8_quantize", x.device, x.dtype)
+    return backend.fn(x, fp8_dtype, mode, power_of_2, write_main, write_t)
+
+
+@_fp8_cast_op.register_fake
+def _(x, fp8_dtype, mode, power_of_2, write_main, write_t):
+    R, C = x.shape
+    scale_shape = () if mode == -1 else ((R, 1) if mode == 1 else (1, C))
+    return (x.new_empty((R, C) if write_main else (0,), dtype=fp8_dtype),
+            x.new_empty(scale_shape, dtype=torch.float32),
+            x.new_empty((C, R) if write_t else (0,), dtype=fp8_dtype))
+
+
+@torch.library.custom_op("nanotrain::fp8_mm", mutates_args=())
+def _fp8_mm_op(a: Tensor, b: Tensor, scale_a: Tensor, scale_b: Tensor, out_dtype: torch.dtype,
+               use_fast_accum: bool) -> Tensor:
+    rowwise = scale_a.numel() > 1 or scale_b.numel() > 1
+    aligned = a.shape[0] % 16 == 0 and a.shape[1] % 16 == 0 and b.shape[1] % 16 == 0
+    backend = registry.select("fp8_matmul", a.device, out_dtype, rowwise=rowwise, aligned=aligned)
+    return backend.fn(a, b, scale_a, scale_b, out_dtype, use_fast_accum)
+
+
+@_fp8_mm_op.register_fake
+def _(a, b, scale_a, scale_b, out_dtype, use_fast_accum):
+    return a.new_empty((a.shape[0], b.shape[1]), dtype=out_dtype)
+
+
+def cast_to_fp8(x: Tensor, fp8_dtype: torch.dtype, mode: int, power_of_2: bool = False, write_main: bool = True,
+                write_t: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+    """Quantize a 2-D x (R, C) through the best fp8_quantize backend. mode: -1 one scale per tensor,
+    1 one per row, 0 one per column. Returns (x_fp8 (R, C) or empty, scale, x_fp8.T (C, R) or empty)."""
+    return torch.ops.nanotrain.fp8_cast(x, fp8_dtype, mode, power_of_2, write_main, write_t)
+
+
+def scaled_mm(a_fp8: Tensor, b_fp8: Tensor, scale_a: Tensor, scale_b: Tensor, out_dtype: torch.dtype,
+              use_fast_accum: bool = False) -> Tensor:
+    """(a_fp8 @ b_fp8) / (scale_a * scale_b) in out_dtype through the best fp8_matmul backend.
+
+    a_fp8 (M, K) and b_fp8 (K, N) in fp8 (b ideally column-major, i.e. the .t() of a row-major (N, K));
+    scale_a () or (M, 1) and scale_b () or (1, N): the quantization scales `quantize` returned.
+    """
+    return torch.ops.nanotrain.fp8_mm(a_fp8, b_fp8, scale_a, scale_b, out_dtype, use_fast_accum)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Autograd
+
+
+class _Float8LinearFn(torch.autograd.Function):
+    """y = x @ W.T with all three GEMMs in FP8 (layouts: the left operand row-major, the right one
+    column-major, which the transposed copies of the cast provide)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, config: Float8Config, out_dtype: torch.dtype) -> Tensor:
+        # x: (M, K), weight: (N, K) -> (M, N)
+        p2 = config.power_of_2_scales
+        if config.rowwise:
+            x_q, x_s, _ = cast_to_fp8(x, config.input_dtype, 1, p2)                       # x_s (M, 1)
+            w_q, w_s, _ = cast_to_fp8(weight, config.weight_dtype, 1, p2)                 # w_s (N, 1)
+            y = scaled_mm(x_q, w_q.t(), x_s, w_s.t(), out_dtype, config.fast_accum_forward)
+            # for grad_weight: x scaled per column (along M), kept transposed (K, M)
+            _, xc_s, x_qt = cast_to_fp8(x, config.input_dtype, 0, p2, write_main=False, write_t=True)
+            ctx.save_for_backward(x_qt, xc_s, weight)
+        else:
+            x_q, x_s, x_qt = cast_to_fp8(x, config.input_dtype, -1, p2, write_t=True)
+            w_q, w_s, w_qt = cast_to_fp8(weight, config.weight_dtype, -1, p2, write_t=True)
+            y = scaled_mm(x_q, w_q.t(), x_s, w_s, out_dtype, config.fast_accum_forward)
+            ctx.save_for_backward(x_qt, x_s, w_qt, w_s)
+        ctx.config = config
+        ctx.x_dtype, ctx.w_dtype = x.dtype, weight.dtype
+        return y
+
+    @staticmethod
+    def backward(ctx, dy: Tensor):
+        # dy: (M, N) -> dx (M, K), dW (N, K)
+        config = ctx.config
+        p2, fast = config.power_of_2_scales, config.fast_accum_backward
+        dy = dy.contiguous()
+        if config.rowwise:
+            x_qt, xc_s, weight = ctx.saved_tensors
+            dy_q, dy_s, _ = cast_to_fp8(dy, config.grad_dtype, 1, p2)                      # (M, 1)
+            _, wc_s, w_qt = cast_to_fp8(weight, config.weight_dtype, 0, p2, write_main=False, write_t=True)
+            dx = scaled_mm(dy_q, w_qt.t(), dy_s, wc_s, ctx.x_dtype, fast)
+            _, dyc_s, dy_qt = cast_to_fp8(dy, config.grad_dtype, 0, p2, write_main=False, write_t=True)
+            dw = scaled_mm(dy_qt, x_qt.t(), dyc_s.t(), xc_s, ctx.w_dtype, fast)
+        else:
+            x_qt, x_s, w_qt, w_s = ctx.saved_tensors
+            dy_q, dy_s, dy_qt = cast_to_fp8(dy, config.grad_dtype, -1, p2, write_t=True)
+            dx = scaled_mm(dy_q, w_qt.t(), dy_s, w_s, ctx.x_dtype, fast)
+            dw = scaled_mm(dy_qt, x_qt.t(), dy_s, x_s, ctx.w_dtype, fast)
+        return dx, dw, None, None
+
+
+def float8_linear(x: Tensor, weight: Tensor, bias: Tensor | None, config: Float8Config) -> Tensor:
+    """F.linear with FP8 GEMMs. x: (..., K), weight: (N, K) -> (..., N) in the autocast dtype when autocast
+    is on for x's device, else in x's dtype. Gradients come back in x's and weight's dtypes."""
+    dev = x.device.type
+    out_dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+    x2d = x.reshape(-1, x.shape[-1])
+    y = _Float8LinearFn.apply(x2d, weight, config, out_dtype)
+    y = y.reshape(*x.shape[:-1], weight.shape[0])
+    return y if bias is None else y + bias.to(y.dtype)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Modules
+
+
+class Float8Linear(nn.Linear):
+    """nn.Linear whose matmuls run in FP8 (same parameters and state dict as the nn.Linear it replaces).
+
+    While `fp8_enabled` is False (see disable_fp8) it is exactly nn.Linear.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None,
+                 config: Float8Config | None = None) -> None:
+        super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
+        self.config = config or Float8Config.from_recipe("tensorwise")
+        self.fp8_enabled = True
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, config: Float8Config) -> Float8Linear:
+        """A Float8Linear that shares `linear`'s Parameter objects (so optimizers keep working)."""
+        new = cls(linear.in_features, linear.out_features, bias=linear.bias is not None, device="meta",
+                  config=config)
+        new.weight = linear.weight
+        new.bias = linear.bias
+        new.train(linear.training)
+        return new
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.fp8_enabled:
+            return F.linear(x, self.weight, self.bias)
+        return float8_linear(x, self.weight, self.bias, self.config)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, recipe={self.config.recipe}"
+
+
+def default_module_filter(module: nn.Module, fqn: str) -> bool:
+    """Convert a linear when both dims are multiples of 16 (FP8 GEMM alignment), the smaller is at least
+    MIN_FEATURES (small GEMMs lose more to the casts than they gain) and it is not the output projection
+    (SKIP_NAMES: its gradient feeds every logit; torchtitan keeps it in bf16 by default)."""
+    if not isinstance(module, nn.Linear):
+        return False
+    if module.in_features % 16 or module.out_features % 16:
+        return False
+    if min(module.in_features, module.out_features) < MIN_FEATURES:
+        return False
+    return fqn.rsplit(".", 1)[-1] not in SKIP_NAMES
+
+
+def convert_to_float8(model: nn.Module, config: Float8Config,
+                      module_filter: Callable[[nn.Module, str], bool] | None = None) -> tuple[int, int]:
+    """Swap, in place, each nn.Linear child that `module_filter(module, fqn)` accepts (default:
+    default_module_filter) for a Float8Linear sharing its parameters. Call before torch.compile.
+
+    Returns (converted, total linear layers), for the line "FP8: converted N of M linear layers".
+    """
+    accept = module_filter or default_module_filter
+    total, targets = 0, []
+    for fqn, module in model.named_modules():
+        if not isinstance(module, nn.Linear):
+            continue
+        total += 1
+        if fqn and not isinstance(module, Float8Linear) and accept(module, fqn):
+            targets.append(fqn)
+    for fqn in targets:
+        parent_name, _, child_name = fqn.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child_name, Float8Linear.from_linear(getattr(parent, child_name), config))
+    return len(targets), total
+
+
+@contextlib.contextmanager
+def disable_fp8(model: nn.Module) -> Iterator[None]:
+    """Inside the block every Float8Linear of `model` is a plain linear (evaluation, sampling)."""
+    modules = [m for m in model.modules() if isinstance(m, Float8Linear)]
+    before = [m.fp8_enabled for m in modules]
+    for m in modules:
+        m.fp8_enabled = False
+    try:
+        yield
+    finally:
+        for m, state in zip(modules, before):
+            m.fp8_enabled = state
+
+
+# ----------------------------------------------------------------------------------------------------
+# Device support
+
+
+def fp8_available(device: torch.device | str) -> str | None:
+    """None when `device` can train in FP8 (NVIDIA sm89+); otherwise what the device is, for messages."""
+    return _fp8_capability_reason(torch.device(device))
+
+
+def check_fp8_supported(device: torch.device | str) -> None:
+    """Raise a UserError unless `device` has FP8 tensor cores (the trainer calls this for --fp8)."""
+    why = fp8_available(device)
+    if why is not None:
+        raise UserError("--fp8 needs an NVIDIA GPU with FP8 tensor cores (compute capability 8.9+, e.g. H100); "
+                        f"this device is {why}. Run without --fp8.")
