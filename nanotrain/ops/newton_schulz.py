@@ -129,13 +129,33 @@ def compute_dtype(t: Tensor) -> torch.dtype:
     return torch.bfloat16 if t.is_cuda else t.dtype
 
 
-def polar_express_triton(X: Tensor, steps: int = 5) -> Tensor:
+# Gram formulation (see polar_express_triton): off by default. Measured on CPU (kernel-exact emulation of
+# bf16 operands with float32 accumulation, 128x512 stacks): with one restart before step 2 it matches the
+# standard path in float32 (~3e-6 from the float64 reference) but in bf16 its error is 1.1-1.9x the
+# standard Triton path's (2.5e-2 vs 1.4-2.2e-2) and its largest singular value lands 0.004-0.011 above the
+# band; without the restart it diverges on low-rank-plus-noise inputs. It needs 38 instead of 65 (m^3 units)
+# for a 1:4 matrix, so it is worth it only if the GPU benchmark shows the speed: set GRAM_MIN_ASPECT
+# (max(m, n) / min(m, n) from which to use it) after measuring with benchmarks/bench_muon.py.
+GRAM_MIN_ASPECT: float | None = None
+GRAM_RESTART_STEP = 2  # recompute X = R X0 and A = X X^T before this step (half-precision stability)
+
+
+def polar_express_triton(X: Tensor, steps: int = 5, gram: bool | None = None) -> Tensor:
     """Run the Polar Express iteration on a normalized stack X (K, m, n) with the Triton kernels.
 
     X is consumed (used as one of the two ping-pong buffers). A tall stack is iterated on its transpose
-    view (strides only, no copy), so every product is the short side squared. Returns (K, m, n) in X's
-    dtype and layout.
+    view (strides only, no copy), so every product is the short side squared. `gram` picks the Gram
+    formulation (default: by GRAM_MIN_ASPECT). Returns (K, m, n) in X's dtype and layout.
     """
+    m, n = X.shape[-2:]
+    if gram is None:
+        gram = GRAM_MIN_ASPECT is not None and max(m, n) >= GRAM_MIN_ASPECT * min(m, n)
+    return _polar_express_gram(X, steps) if gram else _polar_express_standard(X, steps)
+
+
+def _polar_express_standard(X: Tensor, steps: int) -> Tensor:
+    """X <- a X + (b A + c A A) X, A = X X^T: three launches per step, the two square products on half
+    the tiles (2 m^2 n / 2 + 2 m^3 / 2 + 2 m^2 n FLOPs per step for the short side m)."""
     from nanotrain.kernels import newton_schulz as nsk
 
     B, m, n = X.shape
@@ -151,6 +171,45 @@ def polar_express_triton(X: Tensor, steps: int = 5) -> Tensor:
         nsk.axpby_matmul(P, cur, nxt, alpha=a)             # X <- a X + P X
         cur, nxt = nxt, cur
     return cur.mT if tall else cur
+
+
+def _polar_express_gram(X: Tensor, steps: int) -> Tensor:
+    """The same iteration on the small Gram matrix: X_k = R_k X_0 with R_k = Q_{k-1} ... Q_0 and
+    Q = a I + P, P = b A + c A A, A_{k+1} = Q A_k Q. All of A, P, Q, R are polynomials in A_0, hence
+    symmetric and commuting, so every square product is computed on half the tiles; the long side is
+    touched only to form A_0 and X = R X_0. Before GRAM_RESTART_STEP the iterate is formed explicitly and
+    A recomputed from it: in half precision A and R drift apart otherwise (measured: divergence on
+    low-rank-plus-noise inputs). `a I` is kept out of the 16-bit P and applied in the float32 epilogues.
+    """
+    from nanotrain.kernels import newton_schulz as nsk
+
+    B, m, n = X.shape
+    tall = m > n
+    s = min(m, n)
+    other = torch.empty_like(X)
+    cur, nxt = (X.mT, other.mT) if tall else (X, other)  # (B, s, max(m, n))
+    A, P, R, T, Q_A = (torch.empty(B, s, s, device=X.device, dtype=X.dtype) for _ in range(5))
+    nsk.sym_matmul(cur, cur, A)
+    have_r = False
+    for i, (a, b, c) in enumerate(POLAR_EXPRESS_COEFFS[:steps]):
+        if i == GRAM_RESTART_STEP and have_r:
+            nsk.axpby_matmul(R, cur, nxt, alpha=None)      # X = R X0
+            cur, nxt = nxt, cur
+            nsk.sym_matmul(cur, cur, A)
+            have_r = False
+        nsk.sym_matmul(A, A, P, alpha=c, Z=A, beta=b)      # P = b A + c A A
+        if have_r:
+            nsk.sym_matmul(P, R, T, Z=R, beta=a)           # R <- a R + P R
+            R, T = T, R
+        else:
+            R.copy_(P)
+            R.diagonal(dim1=-2, dim2=-1).add_(a)           # R = Q = a I + P
+            have_r = True
+        if i + 1 < steps and i + 1 != GRAM_RESTART_STEP:
+            nsk.sym_matmul(P, A, Q_A, Z=A, beta=a)         # Q A
+            nsk.sym_matmul(P, Q_A, A, Z=Q_A, beta=a)       # A <- Q (Q A)
+    nsk.axpby_matmul(R, cur, nxt, alpha=None)              # X = R X0
+    return nxt.mT if tall else nxt
 
 
 def _check_steps(G: Tensor, steps: int) -> None:
