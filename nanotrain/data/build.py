@@ -73,6 +73,7 @@ def build(inputs: Iterable[str | os.PathLike], base_dir: str | os.PathLike | Non
     docs = [doc for f in files for doc in read_documents(f)]
     if not docs:
         raise UserError("the given files hold no text (empty corpus); point build at files with text in them")
+    docs.sort()  # the same documents give the same shards, whatever order the files were given in
     random.Random(seed).shuffle(docs)
     S.prepare_data_dir(base_dir, "build", force)
     out = S.write_shards(docs, base_dir, docs_per_shard,

@@ -13,7 +13,9 @@ Nothing of this text is stored in the repository: it is made on the spot.
 from __future__ import annotations
 
 import ast
+import contextlib
 import hashlib
+import itertools
 import os
 import random
 import sys
@@ -29,6 +31,7 @@ DOC_FILE_SUFFIXES = (".txt", ".md", ".rst")
 MIN_DOCSTRING_CHARS = 40
 MIN_DOC_CHARS = 200
 MAX_FILE_BYTES = 4_000_000
+MIN_DOCS = 10  # so that even a tiny --min-bytes gives a training and a validation shard
 
 
 def python_roots() -> list[Path]:
@@ -97,15 +100,20 @@ def text_file_paragraphs(path: str) -> list[str]:
 
 def collect_documents(min_bytes: int, *, workers: int | None = None,
                       log: Callable[[str], None] = print) -> tuple[list[str], dict]:
-    """Documents in discovery order until their UTF-8 size reaches min_bytes (all sources if never).
+    """Documents in discovery order until their UTF-8 size reaches min_bytes and there are MIN_DOCS of them
+    (all sources if never).
 
     Returns (documents, stats). Parsing runs in worker processes; results are consumed in path
     order, so the output does not depend on the number of workers.
     """
-    workers = workers or min(4, os.cpu_count() or 1)
+    if workers is None:  # worker processes pay off only for a large corpus
+        workers = min(4, os.cpu_count() or 1) if min_bytes >= 1_000_000 else 1
     seen: set[bytes] = set()
     docs: list[str] = []
     stats = {"files": 0, "python_files": 0, "doc_files": 0, "duplicates": 0, "bytes": 0}
+
+    def enough() -> bool:
+        return stats["bytes"] >= min_bytes and len(docs) >= MIN_DOCS
 
     def take(pieces: list[str]) -> None:
         kept = []
@@ -123,22 +131,23 @@ def collect_documents(min_bytes: int, *, workers: int | None = None,
             stats["bytes"] += b
 
     sources = [("python_files", python_files, docstrings_of), ("doc_files", doc_files, text_file_paragraphs)]
-    with ProcessPoolExecutor(max_workers=workers) as pool:
+    with contextlib.ExitStack() as stack:
+        pool = stack.enter_context(ProcessPoolExecutor(max_workers=workers)) if workers > 1 else None
         for key, lister, reader in sources:
-            if stats["bytes"] >= min_bytes:
+            if enough():
                 break
-            files = [str(p) for p in lister()]
-            for i in range(0, len(files), 256):  # bounded look-ahead past the point where we stop
-                batch = files[i:i + 256]
-                for pieces in pool.map(reader, batch, chunksize=16):
+            files = (str(p) for p in lister())
+            while not enough():
+                batch = list(itertools.islice(files, 256))  # bounded look-ahead past the point where we stop
+                if not batch:
+                    break
+                for pieces in (pool.map(reader, batch, chunksize=16) if pool else map(reader, batch)):
                     stats["files"] += 1
                     stats[key] += 1
                     if pieces:
                         take([_clean(p) for p in pieces])
-                    if stats["bytes"] >= min_bytes:
+                    if enough():
                         break
-                if stats["bytes"] >= min_bytes:
-                    break
             log(f"  {key.replace('_', ' ')}: {stats[key]} read, {len(docs)} documents, "
                 f"{stats['bytes'] / 1e6:.1f} MB so far")
     return docs, stats

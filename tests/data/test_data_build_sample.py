@@ -1,0 +1,130 @@
+"""`nanotrain-data build` from mixed files, `sample` determinism, the shard layout and CLI errors."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from nanotrain import paths
+from nanotrain.data import shards as S
+from nanotrain.data.cli import main
+from nanotrain.errors import UserError
+
+
+def all_texts(base) -> list[str]:
+    return [t for p in S.list_shards(base) for t in pq.read_table(p).column("text").to_pylist()]
+
+
+@pytest.fixture
+def mixed_inputs(tmp_path):
+    src = tmp_path / "src"
+    (src / "notes" / "deep").mkdir(parents=True)
+    docs = {f"text file {i}: " + "words " * (i + 3) for i in range(5)}
+    for i, d in enumerate(sorted(docs)):
+        (src / "notes" / ("deep" if i % 2 else ".") / f"f{i}.{'md' if i % 2 else 'txt'}").write_text(d)
+    jl = [f"json line {i} " + "x" * i for i in range(7)]
+    (src / "lines.jsonl").write_text("\n".join(json.dumps({"text": t, "id": i}) for i, t in enumerate(jl)) + "\n\n")
+    pqt = [f"parquet row {i} é" for i in range(9)]
+    pq.write_table(pa.table({"text": pqt, "other": list(range(9))}), src / "rows.parquet")
+    (src / "ignored.bin").write_bytes(b"\x00\x01")
+    (src / "empty.txt").write_text("  \n")
+    return src, docs | set(jl) | set(pqt)
+
+
+def test_build_from_mixed_files(tmp_path, mixed_inputs, capsys):
+    src, expected = mixed_inputs
+    base = tmp_path / "base"
+    assert main(["build", str(src / "notes"), str(src / "lines.jsonl"), str(src / "rows.parquet"),
+                 "--base-dir", str(base), "--docs-per-shard", "8"]) == 0
+    out = capsys.readouterr().out
+    chars = sum(len(d) for d in expected)
+    assert f"{len(expected)} documents, {chars:,} characters" in out
+    shards = S.list_shards(base)
+    # 21 documents: val = max(1, 21 // 10) = 2, train 19 in shards of 8, 8, 3
+    assert [p.name for p in shards] == [S.shard_name(i) for i in range(4)] and "wrote 4 shards" in out
+    assert [pq.ParquetFile(p).metadata.num_rows for p in shards] == [8, 8, 3, 2]
+    texts = all_texts(base)
+    assert sorted(texts) == sorted(expected)  # each document exactly once
+    assert texts != sorted(texts)  # shuffled
+    first = [p.read_bytes() for p in shards]
+    assert main(["build", str(src), "--base-dir", str(base), "--docs-per-shard", "8"]) == 0  # same docs via the dir
+    assert [p.read_bytes() for p in S.list_shards(base)] == first  # deterministic, and build replaces build
+    assert S.read_source(base)["source"] == "build"
+
+
+def test_build_errors(tmp_path, capsys):
+    base = str(tmp_path / "base")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "ok"}\n{"txt": "no"}\n')
+    assert main(["build", str(bad), "--base-dir", base]) == 2
+    assert "bad.jsonl:2 has no string `text` field" in capsys.readouterr().err
+    bad.write_text('{"text": "ok"}\nnot json\n')
+    assert main(["build", str(bad), "--base-dir", base]) == 2
+    assert "bad.jsonl:2 is not valid JSON" in capsys.readouterr().err
+    assert main(["build", str(tmp_path / "missing"), "--base-dir", base]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    (tmp_path / "x.csv").write_text("a,b")
+    assert main(["build", str(tmp_path / "x.csv"), "--base-dir", base]) == 2
+    assert "unsupported file type .csv" in capsys.readouterr().err
+    (tmp_path / "one.txt").write_text("just one document")
+    assert main(["build", str(tmp_path / "one.txt"), "--base-dir", base]) == 2
+    assert "need at least 2" in capsys.readouterr().err
+    assert not S.list_shards(base)
+
+
+def test_sample_is_deterministic(tmp_path, capsys):
+    a, b = tmp_path / "a", tmp_path / "b"
+    for base in (a, b):
+        assert main(["sample", "--base-dir", str(base), "--min-bytes", "150000", "--docs-per-shard", "20"]) == 0
+    assert "wrote" in capsys.readouterr().out
+    sa, sb = S.list_shards(a), S.list_shards(b)
+    assert len(sa) >= 2 and [p.name for p in sa] == [p.name for p in sb]
+    assert [p.read_bytes() for p in sa] == [p.read_bytes() for p in sb]
+    texts = all_texts(a)
+    assert sum(len(t.encode()) for t in texts) >= 150_000
+    assert len(set(texts)) == len(texts) and min(len(t) for t in texts) >= 200
+    assert any("\n\n" in t for t in texts)  # several docstrings of one file make a document
+    assert S.read_source(a)["source"] == "sample"
+    assert main(["sample", "--base-dir", str(a), "--min-bytes", "150000", "--docs-per-shard", "20"]) == 0
+    assert [p.read_bytes() for p in S.list_shards(a)] == [p.read_bytes() for p in sb]  # rerun replaces sample
+
+
+def test_sample_keeps_downloaded_shards(tmp_path, capsys):
+    base = tmp_path / "base"
+    S.write_shards(["a b c"] * 4, base, 2, {"source": "download"})
+    before = S.list_shards(base)
+    assert main(["sample", "--base-dir", str(base), "--min-bytes", "1000"]) == 2
+    err = capsys.readouterr().err
+    assert "already holds 3 shard(s) from download; pass --force" in err
+    assert S.list_shards(base) == before
+    assert main(["sample", "--base-dir", str(base), "--min-bytes", "1000", "--force"]) == 0
+    assert S.read_source(base)["source"] == "sample"
+
+
+def test_shard_listing_and_fingerprint(tmp_path):
+    base = tmp_path / "base"
+    assert S.list_shards(base) == [] and paths.data_dir(base) == base / "base_data"
+    S.write_shards([f"doc {i}" for i in range(30)], base, 10, {"source": "build"})
+    (paths.data_dir(base) / "shard_00009.parquet.tmp").write_bytes(b"partial")
+    assert [p.name for p in S.list_shards(base)] == [S.shard_name(i) for i in range(4)]
+    assert [p.name for p in S.split_shards("val", base)] == ["shard_00003.parquet"]
+    fp = S.data_fingerprint(base)
+    assert fp == S.data_fingerprint(base) and len(fp) == 16
+    S.write_shards([f"doc {i}!" for i in range(30)], base, 10, {"source": "build"})
+    assert S.data_fingerprint(base) != fp
+    docs = list(S.iter_documents("train", base, doc_cap=4, max_chars=10))
+    assert docs == ["doc ", "doc ", "do"]
+    with pytest.raises(UserError, match="unknown split"):
+        S.split_shards("test", base)
+
+
+def test_cli_error_exits_2_without_traceback(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "nanotrain.data.cli", "tokenizer", "--base-dir", str(tmp_path)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("error: no shards found in") and "nanotrain-data sample" in proc.stderr
+    assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
