@@ -46,6 +46,7 @@ import re
 import shutil
 import subprocess
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, Callable
@@ -478,74 +479,114 @@ def save_checkpoint(ckpt_dir: str | os.PathLike, step: int, model_state: dict | 
 
     owner = _save_owner(world_size)
     tmp = ckpt_dir / f"{final.name}.tmp-{owner}"
+    # Every rank calls the barrier exactly three times even when its own work fails (later work is skipped and
+    # the first error raised at the end), so one rank's failure never leaves the others waiting forever.
+    errors: list[Exception] = []
+
+    def attempt(work: Callable[[], Any]) -> Any:
+        if not errors:
+            try:
+                return work()
+            except Exception as e:  # deferred past the barriers; KeyboardInterrupt & co. propagate at once
+                errors.append(e)
+        return None
+
+    sums: dict[str, str] = {}
     try:
         if rank == 0:
-            ckpt_dir.mkdir(parents=True, exist_ok=True)
-            clean_stale(ckpt_dir)
-            _remove(tmp)
-            tmp.mkdir()
+            attempt(lambda: _make_tmp(ckpt_dir, tmp))
         sync()
-        # Phase 1: every rank writes its own files.
-        sums: dict[str, str] = {}
-        if rank == 0:
-            sums[MODEL_FILE] = _write_torch(tmp / MODEL_FILE, model_state)
-        if optim_state is not None:
-            sums[f"optim_rank{rank}.pt"] = _write_torch(tmp / f"optim_rank{rank}.pt", optim_state)
-        if rank_state is not None:
-            sums[f"rank{rank}.pt"] = _write_torch(tmp / f"rank{rank}.pt", rank_state)
-        if rank != 0:
-            _write_bytes(tmp / f"{_PART_PREFIX}{rank}.json", json.dumps(sums).encode())
+        attempt(lambda: sums.update(_write_rank_files(tmp, rank, model_state, optim_state, rank_state)))
         sync()
-        # Phase 2: rank 0 gathers the sums, writes meta and CHECKSUMS, renames, moves the pointer.
         if rank == 0:
-            for r in range(1, world_size):
-                part = tmp / f"{_PART_PREFIX}{r}.json"
-                try:
-                    sums.update(json.loads(part.read_text()))
-                except (OSError, ValueError) as e:
-                    raise RuntimeError(f"rank {r} did not report its checkpoint files ({e}); "
-                                       f"is {ckpt_dir} on a filesystem every rank sees?") from None
-                part.unlink()
-            missing = [name for name in sums if not (tmp / name).is_file()]
-            if missing:
-                raise RuntimeError(f"checkpoint files missing from {tmp}: {missing}; "
-                                   f"is {ckpt_dir} on a filesystem every rank sees?")
-            has_optim = any(name.startswith("optim_rank") for name in sums)
-            meta = dict(meta)
-            meta.setdefault("optim_sharded", world_size > 1 and has_optim)
-            meta.update(step=step, world_size=world_size, format=FORMAT_VERSION, has_optim=has_optim,
-                        code_version=meta.get("code_version") or code_version(), torch_version=torch.__version__,
-                        timestamp=time.time(),
-                        saved_at=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
-            sums[META_FILE] = _write_bytes(tmp / META_FILE, json.dumps(meta, indent=1, sort_keys=True).encode())
-            lines = "".join(f"{sums[name]}  {name}\n" for name in sorted(sums))
-            _write_bytes(tmp / CHECKSUMS_FILE, lines.encode())
-            _fsync_dir(tmp)
-            old = None
-            if final.exists():  # saving a step again: set the old copy aside, then drop it
-                old = final.with_name(f"{final.name}.old-{os.getpid()}")
-                _remove(old)
-                os.rename(final, old)
-            os.rename(tmp, final)
-            _fsync_dir(ckpt_dir)
-            if old is not None:
-                _remove(old)
-            _write_latest(ckpt_dir, final.name)
-            if keep_last is not None and keep_last != -1:
-                prune(ckpt_dir, keep_last)
+            attempt(lambda: _finish(ckpt_dir, tmp, final, step, world_size, sums, meta, keep_last))
         sync()
-    except OSError as e:
-        if rank == 0:
-            _remove(tmp)
-        if e.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise UserError(f"no space left on the device while writing checkpoint {final} ({e.strerror}); the "
-                            "earlier checkpoints are intact: free disk space or pass --keep-last N") from None
-        raise
     except BaseException:
         if rank == 0:
             _remove(tmp)
         raise
+    if errors:
+        if rank == 0:
+            _remove(tmp)
+        e = errors[0]
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise UserError(f"no space left on the device while writing checkpoint {final} ({e.strerror}); the "
+                            "earlier checkpoints are intact: free disk space or pass --keep-last N") from None
+        raise e
+    if rank != 0:  # did rank 0 publish this rank's files? (it fails alone when, e.g., its disk fills up)
+        published = _read_checksums(final) or {}
+        if any(published.get(name) != sha for name, sha in sums.items()):
+            raise RuntimeError(f"checkpoint {final} was not completed (rank 0 failed; see its error)")
     return final
+
+
+def _make_tmp(ckpt_dir: Path, tmp: Path) -> None:
+    """Rank 0, before anyone writes: the checkpoint folder exists, leftovers are gone, tmp is new and empty."""
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    clean_stale(ckpt_dir)
+    _remove(tmp)
+    tmp.mkdir()
+
+
+def _write_rank_files(tmp: Path, rank: int, model_state: dict | None, optim_state: dict | None,
+                      rank_state: dict | None) -> dict[str, str]:
+    """Write this rank's files into tmp; ranks other than 0 also leave their sums there for rank 0."""
+    if not tmp.is_dir():
+        raise RuntimeError(f"the temporary checkpoint folder {tmp} does not exist on rank {rank}; "
+                           "is the checkpoint folder on a filesystem every rank sees?")
+    sums: dict[str, str] = {}
+    if rank == 0:
+        sums[MODEL_FILE] = _write_torch(tmp / MODEL_FILE, model_state)
+    if optim_state is not None:
+        sums[f"optim_rank{rank}.pt"] = _write_torch(tmp / f"optim_rank{rank}.pt", optim_state)
+    if rank_state is not None:
+        sums[f"rank{rank}.pt"] = _write_torch(tmp / f"rank{rank}.pt", rank_state)
+    if rank != 0:
+        _write_bytes(tmp / f"{_PART_PREFIX}{rank}.json", json.dumps(sums).encode())
+    return sums
+
+
+def _finish(ckpt_dir: Path, tmp: Path, final: Path, step: int, world_size: int, sums: dict[str, str], meta: dict,
+            keep_last: int | None) -> None:
+    """Rank 0, after every rank wrote: gather sums, write meta.json and CHECKSUMS, rename, move `latest`, prune."""
+    for r in range(1, world_size):
+        part = tmp / f"{_PART_PREFIX}{r}.json"
+        try:
+            sums.update(json.loads(part.read_text()))
+        except (OSError, ValueError) as e:
+            raise RuntimeError(f"rank {r} did not report its checkpoint files ({e}); "
+                               f"is {ckpt_dir} on a filesystem every rank sees?") from None
+        part.unlink()
+    missing = [name for name in sums if not (tmp / name).is_file()]
+    if missing:
+        raise RuntimeError(f"checkpoint files missing from {tmp}: {missing}; "
+                           f"is {ckpt_dir} on a filesystem every rank sees?")
+    has_optim = any(name.startswith("optim_rank") for name in sums)
+    meta = dict(meta)
+    meta.setdefault("optim_sharded", world_size > 1 and has_optim)
+    meta.update(step=step, world_size=world_size, format=FORMAT_VERSION, has_optim=has_optim,
+                code_version=meta.get("code_version") or code_version(), torch_version=torch.__version__,
+                timestamp=time.time(),
+                saved_at=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
+    sums[META_FILE] = _write_bytes(tmp / META_FILE, json.dumps(meta, indent=1, sort_keys=True).encode())
+    lines = "".join(f"{sums[name]}  {name}\n" for name in sorted(sums))
+    _write_bytes(tmp / CHECKSUMS_FILE, lines.encode())
+    _fsync_dir(tmp)
+    old = None
+    if final.exists():  # saving a step again: set the old copy aside, then drop it
+        old = final.with_name(f"{final.name}.old-{os.getpid()}")
+        _remove(old)
+        os.rename(final, old)
+    os.rename(tmp, final)
+    _fsync_dir(ckpt_dir)
+    if old is not None:
+        _remove(old)
+    _write_latest(ckpt_dir, final.name)
+    if keep_last is not None and keep_last != -1:
+        try:
+            prune(ckpt_dir, keep_last)
+        except OSError as e:  # the new checkpoint is complete; an old one left behind is not worth failing over
+            warnings.warn(f"could not prune old checkpoints in {ckpt_dir}: {e}", stacklevel=3)
 
 
 def prune(ckpt_dir: str | os.PathLike, keep_last: int) -> list[int]:

@@ -6,11 +6,13 @@ import errno
 import json
 import os
 import random
+import select
 import signal
 import subprocess
 import sys
 import textwrap
 import threading
+import time
 import types
 from pathlib import Path
 
@@ -278,82 +280,85 @@ def test_disk_full_is_a_user_error_and_leaves_previous(tmp_path, monkeypatch):
 
 
 # ----------------------------------------------------------------------------------------------- SIGKILL mid-save
-_KILL_SCRIPT = textwrap.dedent("""
-    import os, sys, time
-    from pathlib import Path
-    import torch
-    import nanotrain.checkpoint as ck
-
-    d, phase = Path(sys.argv[1]), sys.argv[2]
-
-    def state(step):
-        g = torch.Generator().manual_seed(step)
-        return {"w": torch.randn(256, 256, generator=g)}
-
-    ck.save_checkpoint(d, 1, state(1), {"m": torch.ones(3)}, {"loop_state": {"step": 1}}, rank_state={"pos": 1})
-
-    def stall():
-        print("STALLED", flush=True)
+def _stall_in_child(phase: str, notify: int) -> None:
+    """In the forked saver: make the save of step 2 stop at `phase` and tell the parent it got there."""
+    def stall(*_args) -> None:
+        os.write(notify, b"STALLED\n")
         time.sleep(120)
 
-    if phase == "mid-file":  # inside torch.save of model.pt, half of it on disk
+    if phase == "mid-file":  # inside torch.save of model.pt, half of the tensor's bytes on disk
         write = ck._HashingWriter.write
-        seen = {"n": 0}
+
         def slow_write(self, data):
-            n = write(self, data)
-            seen["n"] += len(data)
-            if self.name == "model.pt" and seen["n"] > 100_000:
+            if self.name == "model.pt" and len(data) >= 200_000:
+                write(self, data[: len(data) // 2])
                 os.fsync(self.f.fileno())
                 stall()
-            return n
+            return write(self, data)
         ck._HashingWriter.write = slow_write
     elif phase == "before-rename":  # every file and CHECKSUMS written, the folder not yet renamed
         rename = os.rename
+
         def slow_rename(src, dst):
             if ".tmp-" in str(src):
                 stall()
             return rename(src, dst)
         ck.os.rename = slow_rename
     elif phase == "before-pointer":  # renamed, `latest` not yet moved
-        ck._write_latest = lambda *a: stall()
-    ck.save_checkpoint(d, 2, state(2), {"m": torch.zeros(3)}, {"loop_state": {"step": 2}}, rank_state={"pos": 2})
-    print("FINISHED", flush=True)
-""")
+        ck._write_latest = stall
 
 
 @pytest.mark.parametrize("phase", ["mid-file", "before-rename", "before-pointer"])
 def test_sigkill_during_save_keeps_previous_checkpoint(tmp_path, phase):
-    script = tmp_path / "saver.py"
-    script.write_text(_KILL_SCRIPT)
+    """A saver process SIGKILLed at each stage of writing step 2 leaves step 1 loadable and `latest` on it.
+
+    The saver is a fork of this process (a fresh interpreter would spend seconds importing torch); it only
+    writes files, and leaves through os._exit whatever happens, so it never runs pytest's code.
+    """
     d = tmp_path / "ckpts"
-    proc = subprocess.Popen([sys.executable, str(script), str(d), phase], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-    timer = threading.Timer(60, proc.kill)  # never hang the suite
-    timer.start()
+    w1 = torch.randn(256, 256)  # 256 kB: model.pt is written in many chunks
+    save_checkpoint(d, 1, {"w": w1}, {"m": torch.ones(3)}, {"loop_state": {"step": 1}}, rank_state={"pos": 1})
+    w2 = torch.randn(256, 256)
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the saver
+        code = 1
+        try:
+            os.close(read_end)
+            _stall_in_child(phase, write_end)
+            save_checkpoint(d, 2, {"w": w2}, {"m": torch.zeros(3)}, {"loop_state": {"step": 2}},
+                            rank_state={"pos": 2})
+            os.write(write_end, b"FINISHED\n")
+            code = 0
+        except BaseException as e:
+            os.write(write_end, f"ERROR {e!r}\n".encode())
+        finally:
+            os._exit(code)
+    os.close(write_end)
     try:
-        line = proc.stdout.readline().strip()
-        assert line == "STALLED", f"saver said {line!r}: {proc.stderr.read()}"
-        os.kill(proc.pid, signal.SIGKILL)
-        assert proc.wait() == -signal.SIGKILL
+        ready, _, _ = select.select([read_end], [], [], 60)
+        said = os.read(read_end, 4096).decode().strip() if ready else "nothing within 60 s"
+        assert said == "STALLED", f"the saver said {said!r}"
     finally:
-        timer.cancel()
-        proc.stdout.close()
-        proc.stderr.close()
+        os.kill(pid, signal.SIGKILL)
+        _, status = os.waitpid(pid, 0)
+        os.close(read_end)
+    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
 
     leftovers = [p.name for p in d.iterdir() if ".tmp-" in p.name]
-    assert (tmp_path / "ckpts" / "latest").read_text() == "step_000001\n"
+    assert (d / "latest").read_text() == "step_000001\n"
     assert latest_step(d) == 1
     ckpt = load_checkpoint(d, "latest")
     assert ckpt.step == 1 and ckpt.rank_state == {"pos": 1} and ckpt.meta["loop_state"] == {"step": 1}
-    expected = torch.randn(256, 256, generator=torch.Generator().manual_seed(1))
-    assert torch.equal(ckpt.model_state["w"], expected)
-    assert torch.equal(ckpt.optim_state["m"], torch.ones(3))
+    assert torch.equal(ckpt.model_state["w"], w1) and torch.equal(ckpt.optim_state["m"], torch.ones(3))
     if phase == "before-pointer":
         assert leftovers == [] and list_steps(d) == [1, 2]  # step 2 is complete and can be asked for by number
-        assert load_checkpoint(d, 2).rank_state == {"pos": 2}
+        assert torch.equal(load_checkpoint(d, 2).model_state["w"], w2)
     else:
-        assert leftovers == [f"step_000002.tmp-{proc.pid}"] and list_steps(d) == [1]
-        if phase == "before-rename":  # the folder has every file and valid sums, yet is not a checkpoint
+        assert leftovers == [f"step_000002.tmp-{pid}"] and list_steps(d) == [1]
+        if phase == "mid-file":
+            assert 100_000 < (d / leftovers[0] / "model.pt").stat().st_size < w2.numel() * 4
+        else:  # the folder has every file and valid sums, yet is not a checkpoint
             assert ck._is_complete(d / leftovers[0])
     _quick_save(d, 3)  # the next save cleans up
     assert [p.name for p in d.iterdir() if ".tmp-" in p.name] == []
@@ -361,9 +366,11 @@ def test_sigkill_during_save_keeps_previous_checkpoint(tmp_path, phase):
 
 
 # ----------------------------------------------------------------------------------------------- several ranks
-def _save_as_ranks(d: Path, step: int, world_size: int, optim_sharded: bool | None = None) -> list:
-    gate = threading.Barrier(world_size, timeout=30)
-    results, errors = [None] * world_size, []
+def _save_as_ranks(d: Path, step: int, world_size: int, optim_sharded: bool | None = None,
+                   check: bool = True) -> list:
+    """Save from `world_size` threads acting as ranks; each rank's returned path or raised exception."""
+    gate = threading.Barrier(world_size, timeout=30)  # a hang (a rank skipping a barrier) fails, never blocks
+    results: list = [None] * world_size
 
     def run(rank: int) -> None:
         try:
@@ -372,17 +379,18 @@ def _save_as_ranks(d: Path, step: int, world_size: int, optim_sharded: bool | No
             results[rank] = save_checkpoint(d, step, model_state, {"shard": torch.full((2,), float(rank))}, meta,
                                             rank_state={"rank": rank, "rng": capture_rng_state()}, rank=rank,
                                             world_size=world_size, barrier=gate.wait)
-        except BaseException as e:  # surfaced below
-            errors.append(e)
-            gate.abort()
+        except BaseException as e:  # returned to the test
+            results[rank] = e
 
     threads = [threading.Thread(target=run, args=(r,)) for r in range(world_size)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    if errors:
-        raise errors[0]
+    if check:
+        for r in results:
+            if isinstance(r, BaseException):
+                raise r
     return results
 
 
@@ -411,6 +419,70 @@ def test_multi_rank_unsharded_optimizer_serves_new_ranks(tmp_path):
     ckpt = load_checkpoint(tmp_path, rank=2)
     assert torch.equal(ckpt.optim_state["shard"], torch.zeros(2))  # rank 0's copy
     assert ckpt.rank_state is None
+
+
+@pytest.mark.parametrize("failing", ["rank1.pt", "model.pt"])
+def test_multi_rank_failure_on_one_rank_fails_all_without_hanging(tmp_path, monkeypatch, failing):
+    _save_as_ranks(tmp_path, 1, world_size=2)
+    real = ck._write_torch
+
+    def full(path, obj):
+        if path.name == failing:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(path, obj)
+
+    monkeypatch.setattr(ck, "_write_torch", full)
+    results = _save_as_ranks(tmp_path, 2, world_size=2, check=False)
+    failed_rank = 1 if failing == "rank1.pt" else 0
+    assert isinstance(results[failed_rank], UserError) and "no space left" in str(results[failed_rank])
+    other = results[1 - failed_rank]
+    expected = "rank 1 did not report" if failed_rank == 1 else "was not completed (rank 0 failed"
+    assert isinstance(other, RuntimeError) and expected in str(other)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step_000001"]
+    assert load_checkpoint(tmp_path, rank=1).rank_state["rank"] == 1
+
+
+_DIST_SCRIPT = textwrap.dedent("""
+    import sys
+    from pathlib import Path
+    import torch
+    import torch.distributed as dist
+    import nanotrain.checkpoint as ck
+
+    d, store, rank = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3])
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    for step in (1, 2):
+        model = {"w": torch.arange(4.0) * step} if rank == 0 else None
+        path = ck.save_checkpoint(d, step, model, {"shard": torch.full((3,), 10.0 * step + rank)},
+                                  {"loop_state": {"step": step}}, rank_state={"rank": rank}, rank=rank,
+                                  world_size=2, keep_last=1)
+    dist.barrier()
+    got = ck.load_checkpoint(d, "latest", rank=rank)
+    assert got.step == 2 and got.rank_state == {"rank": rank}, got
+    assert torch.equal(got.optim_state["shard"], torch.full((3,), 20.0 + rank))
+    print("OK", rank, path.name, flush=True)
+    dist.destroy_process_group()
+""")
+
+
+def test_torch_distributed_gloo_two_ranks(tmp_path):
+    script = tmp_path / "dist_saver.py"
+    script.write_text(_DIST_SCRIPT)
+    d, store = tmp_path / "ckpts", tmp_path / "store"
+    procs = [subprocess.Popen([sys.executable, str(script), str(d), str(store), str(r)], stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for r in range(2)]
+    outs = []
+    for p in procs:
+        try:
+            outs.append(p.communicate(timeout=90)[0])
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            raise
+    assert [p.returncode for p in procs] == [0, 0], outs
+    assert [o.strip().splitlines()[-1] for o in outs] == ["OK 0 step_000002", "OK 1 step_000002"]
+    assert list_steps(d) == [2]
+    assert read_meta(d)["world_size"] == 2 and read_meta(d)["optim_sharded"] is True
 
 
 def test_multi_rank_without_barrier_is_refused(tmp_path):
