@@ -34,8 +34,8 @@ CASES = [
     pytest.param(1, 70, 4, 1, 16, 1, id="window-1-mqa"),
     pytest.param(1, 33, 2, 2, 16, 40, id="window-ge-T"),
     pytest.param(1, 100, 2, 1, 32, 17, id="odd-window-T100-mqa"),
-    pytest.param(1, 96, 2, 2, 16, 48, id="window-with-unmasked-interior-blocks"),
-    pytest.param(1, 48, 2, 2, 64, 24, id="D64"),
+    pytest.param(1, 96, 2, 2, 16, 47, id="window-with-unmasked-interior-blocks"),
+    pytest.param(1, 60, 2, 2, 64, 18, id="D64-window-edge-on-block-boundary"),
     pytest.param(1, 40, 1, 1, 128, None, id="D128"),
 ]
 
