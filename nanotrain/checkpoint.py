@@ -28,6 +28,24 @@ moves the pointer; a last barrier. The barrier is
 `torch.distributed.barrier` when a process group is initialized, or any callable passed as `barrier=`
 (tests use `threading.Barrier(n).wait`).
 
+How the training loop uses it (every rank runs the same calls):
+
+    ckpt_dir = paths.checkpoint_dir(tag, base)
+    # resume: validate up front, then load this rank's part
+    step = resolve_step(ckpt_dir, cfg.resume_from_step)          # "latest" or N; UserError lists the steps
+    check_resume_compatible(read_meta(ckpt_dir, step), new_meta)  # UserError on a shape/tokenizer/data change
+    ckpt = load_checkpoint(ckpt_dir, step, rank=rank, device=device)
+    raw_model.load_state_dict(ckpt.model_state); optimizer.load_state_dict(ckpt.optim_state)
+    loader.load_state_dict(ckpt.rank_state["loader"]); restore_rng_state(ckpt.rank_state["rng"])
+    # save (pass the raw model's state_dict: a DDP "module." prefix is kept, torch.compile's "_orig_mod." is not)
+    save_checkpoint(ckpt_dir, step, raw_model.state_dict(), optimizer.state_dict(), meta,
+                    rank_state={"loader": loader.state_dict(), "rng": capture_rng_state()},
+                    rank=rank, world_size=world_size, keep_last=cfg.keep_last)
+
+where meta = {"model_config": asdict(gpt_config), "train_config": cfg.to_dict(), "loop_state": {...},
+"tokenizer_fingerprint": tok.fingerprint, "data_fingerprint": ..., "optim_sharded": bool} and new_meta is the
+same dict built by the resuming run (plus "world_size").
+
 Everything in the .pt files is plain Python containers, numbers, strings and tensors, so every file loads
 with `torch.load(..., weights_only=True)` (the default since torch 2.6); `save_checkpoint` refuses
 anything else (a numpy array, a custom object) before it writes a byte.
@@ -366,10 +384,9 @@ def _prepare_model_state(model_state: dict) -> dict:
     for key, value in model_state.items():
         if not isinstance(value, torch.Tensor):
             raise TypeError(f"model_state[{key!r}] is a {type(value).__name__}, expected a tensor")
-        t = value.detach()
+        t = value.detach().cpu()  # to the host first: upcasting on the GPU could run out of memory mid-save
         if t.dtype in (torch.float16, torch.bfloat16):
             t = t.float()
-        t = t.cpu()
         if t.untyped_storage().nbytes() != t.numel() * t.element_size():
             t = t.clone()
         out[key.replace("_orig_mod.", "")] = t

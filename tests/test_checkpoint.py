@@ -10,7 +10,6 @@ import select
 import signal
 import subprocess
 import sys
-import textwrap
 import threading
 import time
 import types
@@ -442,47 +441,66 @@ def test_multi_rank_failure_on_one_rank_fails_all_without_hanging(tmp_path, monk
     assert load_checkpoint(tmp_path, rank=1).rank_state["rank"] == 1
 
 
-_DIST_SCRIPT = textwrap.dedent("""
-    import sys
-    from pathlib import Path
-    import torch
+def _gloo_rank(d: Path, store: Path, rank: int) -> None:
+    """One rank of a two-process gloo group: saves steps 1 and 2 (keep_last=1), loads its part back."""
     import torch.distributed as dist
-    import nanotrain.checkpoint as ck
 
-    d, store, rank = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3])
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
-    for step in (1, 2):
-        model = {"w": torch.arange(4.0) * step} if rank == 0 else None
-        path = ck.save_checkpoint(d, step, model, {"shard": torch.full((3,), 10.0 * step + rank)},
-                                  {"loop_state": {"step": step}}, rank_state={"rank": rank}, rank=rank,
-                                  world_size=2, keep_last=1)
-    dist.barrier()
-    got = ck.load_checkpoint(d, "latest", rank=rank)
-    assert got.step == 2 and got.rank_state == {"rank": rank}, got
-    assert torch.equal(got.optim_state["shard"], torch.full((3,), 20.0 + rank))
-    print("OK", rank, path.name, flush=True)
-    dist.destroy_process_group()
-""")
+    try:
+        for step in (1, 2):
+            model = {"w": torch.arange(4.0) * step} if rank == 0 else None
+            path = save_checkpoint(d, step, model, {"shard": torch.full((3,), 10.0 * step + rank)},
+                                   {"loop_state": {"step": step}}, rank_state={"rank": rank}, rank=rank,
+                                   world_size=2, keep_last=1)
+            assert path == d / f"step_{step:06d}"
+        dist.barrier()
+        got = load_checkpoint(d, "latest", rank=rank)
+        assert got.step == 2 and got.rank_state == {"rank": rank}, got
+        assert torch.equal(got.optim_state["shard"], torch.full((3,), 20.0 + rank))
+    finally:
+        dist.destroy_process_group()
 
 
 def test_torch_distributed_gloo_two_ranks(tmp_path):
-    script = tmp_path / "dist_saver.py"
-    script.write_text(_DIST_SCRIPT)
+    """The default barrier (torch.distributed) and the shared temporary folder name (rank 0's pid, broadcast).
+
+    The ranks are forks of this process (a fresh interpreter each would spend seconds importing torch); each
+    leaves through os._exit and reports through a pipe.
+    """
     d, store = tmp_path / "ckpts", tmp_path / "store"
-    procs = [subprocess.Popen([sys.executable, str(script), str(d), str(store), str(r)], stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True) for r in range(2)]
-    outs = []
-    for p in procs:
-        try:
-            outs.append(p.communicate(timeout=90)[0])
-        except subprocess.TimeoutExpired:
-            for q in procs:
-                q.kill()
-            raise
-    assert [p.returncode for p in procs] == [0, 0], outs
-    assert [o.strip().splitlines()[-1] for o in outs] == ["OK 0 step_000002", "OK 1 step_000002"]
+    children = []
+    for rank in range(2):
+        read_end, write_end = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                os.close(read_end)
+                _gloo_rank(d, store, rank)
+                os.write(write_end, b"OK")
+                code = 0
+            except BaseException as e:
+                os.write(write_end, f"rank {rank}: {e!r}".encode())
+            finally:
+                os._exit(code)
+        os.close(write_end)
+        children.append((pid, read_end))
+    reports = []
+    try:
+        for pid, read_end in children:
+            ready, _, _ = select.select([read_end], [], [], 60)
+            reports.append(os.read(read_end, 4096).decode() if ready else "no report within 60 s")
+    finally:
+        for pid, read_end in children:
+            if reports != ["OK", "OK"]:
+                os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            os.close(read_end)
+    assert reports == ["OK", "OK"]
     assert list_steps(d) == [2]
-    assert read_meta(d)["world_size"] == 2 and read_meta(d)["optim_sharded"] is True
+    meta = read_meta(d)
+    assert meta["world_size"] == 2 and meta["optim_sharded"] is True
+    assert [p.name for p in d.iterdir() if ".tmp-" in p.name] == []
 
 
 def test_multi_rank_without_barrier_is_refused(tmp_path):
@@ -646,3 +664,19 @@ def test_load_model_real_gpt(tmp_path, monkeypatch):
     assert sd.keys() == ref.keys()
     for k in ref:
         assert torch.equal(sd[k], ref[k].float()), k
+
+
+@pytest.mark.gpu
+def test_cuda_states_and_rng(tmp_path):
+    torch.cuda.manual_seed(3)
+    torch.randn(5, device="cuda")
+    state = capture_rng_state()
+    assert "torch_cuda" in state
+    expected = torch.randn(4, device="cuda")
+    w = torch.randn(3, device="cuda").to(torch.bfloat16)
+    save_checkpoint(tmp_path, 1, {"w": w}, {"m": torch.randn(2, device="cuda")}, _meta(), rank_state={"rng": state})
+    ckpt = load_checkpoint(tmp_path, device="cuda")
+    assert ckpt.model_state["w"].is_cuda and ckpt.model_state["w"].dtype == torch.float32
+    assert torch.equal(ckpt.model_state["w"], w.float()) and ckpt.optim_state["m"].is_cuda
+    restore_rng_state(ckpt.rank_state["rng"])
+    assert torch.equal(torch.randn(4, device="cuda"), expected)
