@@ -95,10 +95,10 @@ def linear_providers() -> dict:
         for backend in ("scaled_mm", "triton"):
             out[f"fp8 {recipe} ({backend})"] = (
                 lambda x, w, c=config: fp8.float8_linear(x, w, None, c),
-                {"fp8_matmul": backend, "fp8_quantize": "triton"})
+                {"fp8_matmul": backend, "fp8_quantize": "triton", "fp8_quantize_dual": "triton"})
         out[f"fp8 {recipe} (scaled_mm, reference casts compiled)"] = (
             torch.compile(lambda x, w, c=config: fp8.float8_linear(x, w, None, c)),
-            {"fp8_matmul": "scaled_mm", "fp8_quantize": "reference"})
+            {"fp8_matmul": "scaled_mm", "fp8_quantize": "reference", "fp8_quantize_dual": "reference"})
     return out
 
 
@@ -157,6 +157,15 @@ def measure_quantize() -> list[dict]:
                 rows.append({"bench": f"quantize {label}", "provider": name, "error": f"{type(e).__name__}: {e}"})
                 continue
             rows.append({"bench": f"quantize {label}", "provider": name, "ms": ms, "gb_s": nbytes / ms / 1e6})
+    nbytes = x.numel() * x.element_size() + 2 * x.numel()
+    ref_dual = torch.compile(fp8.reference_cast_dual)
+    for name, fn in (("triton", fp8.triton_cast_dual), ("torch.compile reference", ref_dual)):
+        try:
+            ms = cuda_time_ms(lambda fn=fn: fn(x, fp8.E4M3, True))
+        except Exception as e:  # noqa: BLE001
+            rows.append({"bench": "quantize rows + cols (dual)", "provider": name, "error": f"{type(e).__name__}: {e}"})
+            continue
+        rows.append({"bench": "quantize rows + cols (dual)", "provider": name, "ms": ms, "gb_s": nbytes / ms / 1e6})
     return rows
 
 

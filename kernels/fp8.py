@@ -44,9 +44,10 @@ def _round_to_fp8_grid(v, MANT_BITS: tl.constexpr, MIN_EXP: tl.constexpr):
 
 
 @triton.jit
-def _fp8_amax_kernel(x_ptr, amax_ptr, R, C, stride_xr, stride_xc,
+def _fp8_amax_kernel(x_ptr, amax_ptr, amax_col_ptr, R, C, stride_xr, stride_xc,
                      MODE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
-    """amax of |x| for a (R, C) tensor: MODE -1 -> amax_ptr[0], 1 -> amax_ptr[r] (per row), 0 -> amax_ptr[c].
+    """amax of |x| for a (R, C) tensor: MODE -1 -> amax_ptr[0], 1 -> amax_ptr[r] (per row), 0 -> amax_ptr[c],
+    2 -> both per row (amax_ptr[r]) and per column (amax_col_ptr[c]) in the same pass.
 
     Each program owns BLOCK_R rows and walks all columns. Per-row maxima are stored directly; per-column
     and whole-tensor maxima are combined across programs with atomic max (amax_ptr must start at 0).
@@ -64,7 +65,9 @@ def _fp8_amax_kernel(x_ptr, amax_ptr, R, C, stride_xr, stride_xc,
             tl.atomic_max(amax_ptr + offs_c, tl.max(a, axis=0), mask=offs_c < C)
         else:
             row_max = tl.maximum(row_max, tl.max(a, axis=1))
-    if MODE == 1:
+        if MODE == 2:
+            tl.atomic_max(amax_col_ptr + offs_c, tl.max(a, axis=0), mask=offs_c < C)
+    if MODE == 1 or MODE == 2:
         tl.store(amax_ptr + offs_r, row_max, mask=mask_r)
     if MODE == -1:
         tl.atomic_max(amax_ptr, tl.max(row_max, axis=0))
@@ -79,13 +82,15 @@ def _fp8_scale_from_amax(amax, FP8_MAX: tl.constexpr, EPS_: tl.constexpr, POW2: 
 
 
 @triton.jit
-def _fp8_cast_kernel(x_ptr, amax_ptr, out_ptr, out_t_ptr, scale_ptr, R, C, stride_xr, stride_xc,
+def _fp8_cast_kernel(x_ptr, amax_ptr, amax_col_ptr, out_ptr, out_t_ptr, scale_ptr, scale_col_ptr, R, C,
+                     stride_xr, stride_xc,
                      MODE: tl.constexpr, FP8_MAX: tl.constexpr, EPS_: tl.constexpr, POW2: tl.constexpr,
                      MANT_BITS: tl.constexpr, MIN_EXP: tl.constexpr, WRITE_MAIN: tl.constexpr,
                      WRITE_T: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
     """Scale, saturate and cast one (BLOCK_R, BLOCK_C) tile of x to fp8 given the amax from
     _fp8_amax_kernel: out[r, c] (contiguous (R, C)) and/or out_t[c, r] (contiguous (C, R), the transposed
-    copy that the backward GEMMs want as a column-major operand). Also writes the scales."""
+    copy that the backward GEMMs want as a column-major operand). Also writes the scales. MODE 2 scales
+    out by rows and out_t by columns (the two operands a rowwise linear needs from one tensor)."""
     pid_r = tl.program_id(0)
     pid_c = tl.program_id(1)
     offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -104,16 +109,29 @@ def _fp8_cast_kernel(x_ptr, amax_ptr, out_ptr, out_t_ptr, scale_ptr, R, C, strid
         v = x.to(tl.float32) * scale[:, None]
         if pid_c == 0:
             tl.store(scale_ptr + offs_r, scale, mask=mask_r)
-    else:
+    elif MODE == 0:
         scale = _fp8_scale_from_amax(tl.load(amax_ptr + offs_c, mask=mask_c, other=1.0), FP8_MAX, EPS_, POW2)
         v = x.to(tl.float32) * scale[None, :]
         if pid_r == 0:
             tl.store(scale_ptr + offs_c, scale, mask=mask_c)
+    else:
+        scale = _fp8_scale_from_amax(tl.load(amax_ptr + offs_r, mask=mask_r, other=1.0), FP8_MAX, EPS_, POW2)
+        v = x.to(tl.float32) * scale[:, None]
+        scale_col = _fp8_scale_from_amax(tl.load(amax_col_ptr + offs_c, mask=mask_c, other=1.0), FP8_MAX, EPS_,
+                                         POW2)
+        v_col = x.to(tl.float32) * scale_col[None, :]
+        if pid_c == 0:
+            tl.store(scale_ptr + offs_r, scale, mask=mask_r)
+        if pid_r == 0:
+            tl.store(scale_col_ptr + offs_c, scale_col, mask=mask_c)
+        v_col = tl.minimum(tl.maximum(v_col, -FP8_MAX), FP8_MAX)
+        q_col = _round_to_fp8_grid(v_col, MANT_BITS, MIN_EXP).to(out_ptr.dtype.element_ty)
+        tl.store(out_t_ptr + offs_c[None, :] * R + offs_r[:, None], q_col, mask=mask)
     v = tl.minimum(tl.maximum(v, -FP8_MAX), FP8_MAX)
     q = _round_to_fp8_grid(v, MANT_BITS, MIN_EXP).to(out_ptr.dtype.element_ty)
     if WRITE_MAIN:
         tl.store(out_ptr + offs_r[:, None] * C + offs_c[None, :], q, mask=mask)
-    if WRITE_T:
+    if WRITE_T and MODE != 2:
         tl.store(out_t_ptr + offs_c[None, :] * R + offs_r[:, None], q, mask=mask)
 
 
@@ -138,18 +156,47 @@ def quantize(x: torch.Tensor, fp8_dtype: torch.dtype, mode: int, power_of_2: boo
     if R == 0 or C == 0:
         scale.fill_(fp8_max / EPS)
         return q, scale, q_t
+    _launch(x, amax, amax, q, q_t, scale, scale, mode, fp8_max, power_of_2, mant, min_exp, write_main, write_t)
+    return q, scale, q_t
+
+
+def quantize_rows_and_cols(x: torch.Tensor, fp8_dtype: torch.dtype, power_of_2: bool,
+                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Both operands a rowwise-scaled linear needs from one 2-D x (R, C), in one amax pass and one cast pass:
+    (q (R, C) scaled per row, scale_rows (R, 1), q_t (C, R) = x.T scaled per column of x, scale_cols (1, C))."""
+    assert x.dim() == 2
+    R, C = x.shape
+    mant, min_exp = FP8_FORMATS[fp8_dtype]
+    fp8_max = torch.finfo(fp8_dtype).max
+    amax_r = torch.zeros(R, device=x.device, dtype=torch.float32)
+    amax_c = torch.zeros(C, device=x.device, dtype=torch.float32)
+    scale_r = torch.empty((R, 1), device=x.device, dtype=torch.float32)
+    scale_c = torch.empty((1, C), device=x.device, dtype=torch.float32)
+    q = torch.empty((R, C), device=x.device, dtype=fp8_dtype)
+    q_t = torch.empty((C, R), device=x.device, dtype=fp8_dtype)
+    if R == 0 or C == 0:
+        scale_r.fill_(fp8_max / EPS)
+        scale_c.fill_(fp8_max / EPS)
+        return q, scale_r, q_t, scale_c
+    _launch(x, amax_r, amax_c, q, q_t, scale_r, scale_c, 2, fp8_max, power_of_2, mant, min_exp, True, True)
+    return q, scale_r, q_t, scale_c
+
+
+def _launch(x, amax, amax_col, q, q_t, scale, scale_col, mode, fp8_max, power_of_2, mant, min_exp,
+            write_main, write_t) -> None:
+    R, C = x.shape
     on_gpu = x.is_cuda
     block_r = 32 if on_gpu else 16
     block_c = min(256 if on_gpu else 64, triton.next_power_of_2(C))
     _fp8_amax_kernel[(triton.cdiv(R, block_r),)](
-        x, amax, R, C, x.stride(0), x.stride(1), MODE=mode, BLOCK_R=block_r, BLOCK_C=block_c)
+        x, amax, amax_col, R, C, x.stride(0), x.stride(1), MODE=mode, BLOCK_R=block_r, BLOCK_C=block_c)
     tile = 64 if on_gpu else 32
     grid = (triton.cdiv(R, tile), triton.cdiv(C, tile))
     _fp8_cast_kernel[grid](
-        x, amax, q, q_t, scale, R, C, x.stride(0), x.stride(1), MODE=mode, FP8_MAX=fp8_max, EPS_=EPS,
+        x, amax, amax_col, q, q_t, scale, scale_col, R, C, x.stride(0), x.stride(1), MODE=mode, FP8_MAX=fp8_max,
+        EPS_=EPS,
         POW2=power_of_2, MANT_BITS=mant, MIN_EXP=min_exp, WRITE_MAIN=write_main, WRITE_T=write_t,
         BLOCK_R=tile, BLOCK_C=tile)
-    return q, scale, q_t
 
 
 @triton.jit

@@ -22,10 +22,11 @@ Recipes (Float8Config.from_recipe), following torchao's float8 training recipes:
 Backends (see registry.py): op "fp8_matmul": scaled_mm (torch._scaled_mm / cuBLASLt, CUDA sm89+;
 rowwise needs sm90), triton (kernels/fp8.py, scales applied in the epilogue), reference (dequantize to
 fp32 and matmul, anywhere). Op "fp8_quantize": triton (fused absmax + scale + cast + transposed copy),
-reference. The registry keeps the first available; a per-shape measured choice between scaled_mm and
-triton is left for when a GPU has measured both (benchmarks/bench_fp8.py).
+reference. Op "fp8_quantize_dual" (rowwise: a tensor scaled per row and, transposed, per column, from one
+amax pass and one cast pass): triton, reference. The registry keeps the first available; a per-shape
+measured choice between scaled_mm and triton is left for when a GPU has measured both (bench_fp8.py).
 
-The quantize and the GEMM are torch.library custom ops (nanotrain::fp8_cast, nanotrain::fp8_mm) with
+The casts and the GEMM are torch.library custom ops (nanotrain::fp8_cast, fp8_cast_dual, fp8_mm) with
 fake implementations, so torch.compile traces the autograd.Function around them as opaque nodes and
 the backend choice happens at run time.
 """
@@ -159,6 +160,21 @@ def triton_cast(x: Tensor, fp8_dtype: torch.dtype, mode: int, power_of_2: bool, 
     return kernels.quantize(x, fp8_dtype, mode, power_of_2, write_main, write_t)
 
 
+def reference_cast_dual(x: Tensor, fp8_dtype: torch.dtype, power_of_2: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """x: (R, C) -> (x_fp8 (R, C) scaled per row, scales (R, 1), x.T in fp8 (C, R) scaled per column of x,
+    scales (1, C)): the two operands a rowwise linear needs from one tensor."""
+    q_rows, s_rows = quantize(x, fp8_dtype, -1, power_of_2)
+    q_cols, s_cols = quantize(x, fp8_dtype, 0, power_of_2)
+    return q_rows, s_rows, q_cols.t().contiguous(), s_cols
+
+
+def triton_cast_dual(x: Tensor, fp8_dtype: torch.dtype, power_of_2: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """reference_cast_dual in one Triton amax pass (row and column maxima together) and one cast pass."""
+    from nanotrain.kernels import fp8 as kernels
+
+    return kernels.quantize_rows_and_cols(x, fp8_dtype, power_of_2)
+
+
 def _fp8_capability_reason(device: torch.device) -> str | None:
     """None on an NVIDIA GPU with FP8 tensor cores (sm89+), else a description of the device."""
     if device.type != "cuda":
@@ -181,6 +197,9 @@ def _check_triton(device: torch.device, dtype: torch.dtype, **props) -> str | No
 registry.register("fp8_quantize", "triton", triton_cast, _check_triton, interpreter=True,
                   description="fused Triton absmax + scale + saturating cast (+ transposed copy)")
 registry.register("fp8_quantize", "reference", reference_cast, description="pure-PyTorch amax, scale and cast")
+registry.register("fp8_quantize_dual", "triton", triton_cast_dual, _check_triton, interpreter=True,
+                  description="fused Triton row + column absmax, then both casts in one pass")
+registry.register("fp8_quantize_dual", "reference", reference_cast_dual, description="two pure-PyTorch quantizes")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -260,6 +279,19 @@ def _(x, fp8_dtype, mode, power_of_2, write_main, write_t):
             x.new_empty((C, R) if write_t else (0,), dtype=fp8_dtype))
 
 
+@torch.library.custom_op("nanotrain::fp8_cast_dual", mutates_args=())
+def _fp8_cast_dual_op(x: Tensor, fp8_dtype: torch.dtype, power_of_2: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    backend = registry.select("fp8_quantize_dual", x.device, x.dtype)
+    return backend.fn(x, fp8_dtype, power_of_2)
+
+
+@_fp8_cast_dual_op.register_fake
+def _(x, fp8_dtype, power_of_2):
+    R, C = x.shape
+    return (x.new_empty((R, C), dtype=fp8_dtype), x.new_empty((R, 1), dtype=torch.float32),
+            x.new_empty((C, R), dtype=fp8_dtype), x.new_empty((1, C), dtype=torch.float32))
+
+
 @torch.library.custom_op("nanotrain::fp8_mm", mutates_args=())
 def _fp8_mm_op(a: Tensor, b: Tensor, scale_a: Tensor, scale_b: Tensor, out_dtype: torch.dtype,
                use_fast_accum: bool) -> Tensor:
@@ -279,6 +311,13 @@ def cast_to_fp8(x: Tensor, fp8_dtype: torch.dtype, mode: int, power_of_2: bool =
     """Quantize a 2-D x (R, C) through the best fp8_quantize backend. mode: -1 one scale per tensor,
     1 one per row, 0 one per column. Returns (x_fp8 (R, C) or empty, scale, x_fp8.T (C, R) or empty)."""
     return torch.ops.nanotrain.fp8_cast(x, fp8_dtype, mode, power_of_2, write_main, write_t)
+
+
+def cast_to_fp8_rows_and_cols(x: Tensor, fp8_dtype: torch.dtype, power_of_2: bool = False,
+                              ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """x (R, C) -> (x_fp8 per-row scaled (R, C), scales (R, 1), x.T fp8 per-column scaled (C, R), scales (1, C))
+    through the best fp8_quantize_dual backend (one pass over x for both on the GPU)."""
+    return torch.ops.nanotrain.fp8_cast_dual(x, fp8_dtype, power_of_2)
 
 
 def scaled_mm(a_fp8: Tensor, b_fp8: Tensor, scale_a: Tensor, scale_b: Tensor, out_dtype: torch.dtype,
@@ -304,11 +343,10 @@ class _Float8LinearFn(torch.autograd.Function):
         # x: (M, K), weight: (N, K) -> (M, N)
         p2 = config.power_of_2_scales
         if config.rowwise:
-            x_q, x_s, _ = cast_to_fp8(x, config.input_dtype, 1, p2)                       # x_s (M, 1)
+            # x per row for this GEMM (M, 1); x per column (1, K), transposed (K, M), for grad_weight
+            x_q, x_s, x_qt, xc_s = cast_to_fp8_rows_and_cols(x, config.input_dtype, p2)
             w_q, w_s, _ = cast_to_fp8(weight, config.weight_dtype, 1, p2)                 # w_s (N, 1)
             y = scaled_mm(x_q, w_q.t(), x_s, w_s.t(), out_dtype, config.fast_accum_forward)
-            # for grad_weight: x scaled per column (along M), kept transposed (K, M)
-            _, xc_s, x_qt = cast_to_fp8(x, config.input_dtype, 0, p2, write_main=False, write_t=True)
             ctx.save_for_backward(x_qt, xc_s, weight)
         else:
             x_q, x_s, x_qt = cast_to_fp8(x, config.input_dtype, -1, p2, write_t=True)
@@ -327,10 +365,10 @@ class _Float8LinearFn(torch.autograd.Function):
         dy = dy.contiguous()
         if config.rowwise:
             x_qt, xc_s, weight = ctx.saved_tensors
-            dy_q, dy_s, _ = cast_to_fp8(dy, config.grad_dtype, 1, p2)                      # (M, 1)
+            # dy per row (M, 1) for grad_input; per column (1, N), transposed (N, M), for grad_weight
+            dy_q, dy_s, dy_qt, dyc_s = cast_to_fp8_rows_and_cols(dy, config.grad_dtype, p2)
             _, wc_s, w_qt = cast_to_fp8(weight, config.weight_dtype, 0, p2, write_main=False, write_t=True)
             dx = scaled_mm(dy_q, w_qt.t(), dy_s, wc_s, ctx.x_dtype, fast)
-            _, dyc_s, dy_qt = cast_to_fp8(dy, config.grad_dtype, 0, p2, write_main=False, write_t=True)
             dw = scaled_mm(dy_qt, x_qt.t(), dyc_s.t(), xc_s, ctx.w_dtype, fast)
         else:
             x_qt, x_s, w_qt, w_s = ctx.saved_tensors

@@ -18,7 +18,7 @@ SQNR_CAST, SQNR_GEMM, SQNR_LINEAR_OUT, SQNR_LINEAR_GRAD = 25.0, 25.0, 18.0, 17.0
 # e5m2 has 2 mantissa bits: a single cast of normal data sits near 26 dB (about 6 dB per mantissa bit).
 SQNR_CAST_E5M2 = 24.0
 RECIPES = ["tensorwise", "rowwise"]
-TRITON = {"fp8_matmul": "triton", "fp8_quantize": "triton"}
+TRITON = {"fp8_matmul": "triton", "fp8_quantize": "triton", "fp8_quantize_dual": "triton"}
 MODES = {-1: None, 1: 1, 0: 0}  # kernel mode -> quantize axis
 
 
@@ -145,6 +145,20 @@ def test_triton_cast_matches_reference_bytes(dtype, mode, power_of_2):
     assert only_t[0].numel() == 0 and _same_bytes(only_t[2], fp8.quantize(x, dtype, MODES[mode], power_of_2)[0].t())
 
 
+@pytest.mark.parametrize("dtype", [E4M3, E5M2])
+@pytest.mark.parametrize("power_of_2", [False, True])
+def test_triton_cast_dual_matches_reference_bytes(dtype, power_of_2):
+    x = torch.randn(70, 33) * 5
+    x[3, 4] = -1e4
+    x[:, 6] = 0.0  # an all-zero column and an all-zero row
+    x[8] = 0.0
+    got = fp8.triton_cast_dual(x, dtype, power_of_2)
+    ref = fp8.reference_cast_dual(x, dtype, power_of_2)
+    assert [t.shape for t in got] == [(70, 33), (70, 1), (33, 70), (1, 33)]
+    assert _same_bytes(got[0], ref[0]) and torch.equal(got[1], ref[1])
+    assert _same_bytes(got[2], ref[2]) and torch.equal(got[3], ref[3])
+
+
 @pytest.mark.parametrize("a_dtype,b_dtype", [(E4M3, E4M3), (E5M2, E4M3)])
 @pytest.mark.parametrize("rowwise", [False, True])
 @pytest.mark.parametrize("out_dtype", [torch.float32, torch.float16])
@@ -189,6 +203,7 @@ def test_scaled_mm_backend_conventions(rowwise):
 def test_registry_order_and_cpu_choice():
     assert [b.name for b in registry.backends("fp8_matmul")] == ["scaled_mm", "triton", "reference"]
     assert [b.name for b in registry.backends("fp8_quantize")] == ["triton", "reference"]
+    assert [b.name for b in registry.backends("fp8_quantize_dual")] == ["triton", "reference"]
     if not torch.cuda.is_available():
         assert registry.select("fp8_matmul", "cpu", torch.float32).name == "reference"
         chosen, reasons = registry.explain("fp8_matmul", "cpu", torch.bfloat16, rowwise=False, aligned=True)
@@ -277,6 +292,7 @@ def test_float8_linear_autocast_bf16(recipe):
 def test_custom_ops_opcheck_and_compile():
     x = torch.randn(32, 48)
     torch.library.opcheck(torch.ops.nanotrain.fp8_cast, (x, E4M3, 1, True, True, True))
+    torch.library.opcheck(torch.ops.nanotrain.fp8_cast_dual, (x, E4M3, True))
     qa, sa = fp8.quantize(torch.randn(32, 48), E4M3)
     qb, sb = fp8.quantize(torch.randn(48, 16), E4M3)
     # (opcheck's schema test runs arithmetic on the fp8 inputs, which CPU kernels lack; autograd lives in
