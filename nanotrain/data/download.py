@@ -137,7 +137,7 @@ def download(num_train: int, base_dir: str | os.PathLike | None = None, *, worke
             with lock:
                 errors[i] = str(e)
                 state["done"] += 1
-                log(f"[{state['done']}/{total}] FAILED {e}")
+                log(f"{_bar(state['done'], total)} FAILED {e}")
             return None
         size = path.stat().st_size
         with lock:
@@ -146,7 +146,7 @@ def download(num_train: int, base_dir: str | os.PathLike | None = None, *, worke
                 state["bytes"] += size
             rate = state["bytes"] / 1e6 / max(time.time() - state["t0"], 1e-9)
             what = "downloaded" if fetched else "present, skipped"
-            log(f"[{state['done']}/{total}] {path.name} {size / 1e6:.1f} MB {what} ({rate:.1f} MB/s overall)")
+            log(f"{_bar(state['done'], total)} {path.name} {size / 1e6:.1f} MB {what} ({rate:.1f} MB/s overall)")
         return path
 
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
@@ -159,6 +159,12 @@ def download(num_train: int, base_dir: str | os.PathLike | None = None, *, worke
     log(f"done: {total} shard(s) in {data_dir} ({state['bytes'] / 1e6:.1f} MB fetched, "
         f"{time.time() - state['t0']:.1f}s)")
     return [p for p in results if p is not None]
+
+
+def _bar(done: int, total: int, width: int = 20) -> str:
+    """A progress bar such as `[########------------] 4/10`."""
+    k = width * done // max(total, 1)
+    return f"[{'#' * k}{'-' * (width - k)}] {done}/{total}"
 
 
 def _why(e: BaseException) -> str:

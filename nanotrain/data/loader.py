@@ -23,6 +23,7 @@ learned on other text. Adding shards after training the tokenizer (downloading m
 """
 from __future__ import annotations
 
+import itertools
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -169,7 +170,7 @@ class DataLoader:
                 break
             ids = self.tokenizer.encode(texts, prepend=self.bos, num_threads=self.tokenizer_threads)
             lengths = np.fromiter((len(x) for x in ids), dtype=np.int64, count=len(ids))
-            flat = np.fromiter((t for x in ids for t in x), dtype=np.int32, count=int(lengths.sum()))
+            flat = np.fromiter(itertools.chain.from_iterable(ids), dtype=np.int32, count=int(lengths.sum()))
             self._tokens = np.concatenate([self._tokens, flat])
             self._lengths = np.concatenate([self._lengths, lengths])
             added += len(texts)
@@ -234,7 +235,8 @@ class DataLoader:
             "buffer_lengths": torch.from_numpy(self._lengths.copy()),
             "tokens_consumed": self.tokens_consumed, "tokens_cropped": self.tokens_cropped, "batches": self.batches,
             "empty_units": self._empty_units,
-            "data_fingerprint": self.data_fingerprint, "tokenizer_fingerprint": self.tokenizer.fingerprint,
+            "data_fingerprint": self.data_fingerprint,
+            "tokenizer_fingerprint": getattr(self.tokenizer, "fingerprint", None),
         }
 
     def load_state_dict(self, sd: dict) -> None:
@@ -249,7 +251,7 @@ class DataLoader:
         if sd["data_fingerprint"] != self.data_fingerprint:
             raise UserError(f"the shards in {paths.data_dir(self.base_dir)} changed since the loader state was saved "
                             "(files added, removed or rewritten); restore them to resume the exact data stream")
-        if sd["tokenizer_fingerprint"] != self.tokenizer.fingerprint:
+        if sd["tokenizer_fingerprint"] != getattr(self.tokenizer, "fingerprint", None):
             raise UserError("the tokenizer changed since the loader state was saved; resume with the tokenizer the "
                             "run started with")
         self.epoch, self.unit, self.doc = int(sd["epoch"]), int(sd["unit"]), int(sd["doc"])

@@ -175,8 +175,13 @@ class Tokenizer:
             with open(d / PICKLE_FILE, "rb") as f:
                 payload = pickle.load(f)
             meta = json.loads((d / META_FILE).read_text()) if (d / META_FILE).is_file() else {}
+            if not isinstance(payload, dict):  # nanochat's format: a pickled tiktoken.Encoding
+                payload = {"pattern": payload._pat_str, "mergeable_ranks": payload._mergeable_ranks,
+                           "special_tokens": payload._special_tokens}
+            if BOS not in payload["special_tokens"]:
+                raise UserError(f"the tokenizer in {d} has no {BOS} token; run `nanotrain-data tokenizer` again")
             tok = cls(payload["pattern"], payload["mergeable_ranks"], payload["special_tokens"], meta)
-        except (OSError, pickle.UnpicklingError, KeyError, ValueError, TypeError, EOFError) as e:
+        except (OSError, pickle.UnpicklingError, KeyError, ValueError, TypeError, EOFError, AttributeError) as e:
             raise UserError(f"the tokenizer in {d} is unreadable ({type(e).__name__}: {e}); "
                             "run `nanotrain-data tokenizer` again") from None
         if meta.get("fingerprint") and meta["fingerprint"] != tok.fingerprint:

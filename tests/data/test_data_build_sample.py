@@ -12,6 +12,7 @@ import pytest
 from nanotrain import paths
 from nanotrain.data import shards as S
 from nanotrain.data.cli import main
+from nanotrain.data.sample import doc_files, docstrings_of, text_file_paragraphs
 from nanotrain.errors import UserError
 
 
@@ -128,3 +129,23 @@ def test_cli_error_exits_2_without_traceback(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.startswith("error: no shards found in") and "nanotrain-data sample" in proc.stderr
     assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_sample_reads_docstrings_and_text_docs(tmp_path):
+    src = tmp_path / "m.py"
+    src.write_text('"""Module doc that is long enough to be kept by the sampler."""\n'
+                   'class A:\n    """Class doc, also long enough to be kept here."""\n'
+                   '    def f(self):\n        """short"""\n')
+    assert docstrings_of(str(src)) == ["Module doc that is long enough to be kept by the sampler.",
+                                       "Class doc, also long enough to be kept here."]
+    (tmp_path / "broken.py").write_text("def (:\n")
+    assert docstrings_of(str(tmp_path / "broken.py")) == []
+    docs = tmp_path / "doc" / "pkg"
+    docs.mkdir(parents=True)
+    (docs / "README").write_text("read me\n")
+    (docs / "notes.txt").write_text("some notes")
+    (docs / "changelog.gz").write_bytes(b"\x1f\x8b")
+    (docs / "latin1.txt").write_bytes("caf\xe9".encode("latin-1"))
+    found = list(doc_files(tmp_path / "doc"))
+    assert [p.name for p in found] == ["README", "latin1.txt", "notes.txt"]
+    assert [text_file_paragraphs(str(p)) for p in found] == [["read me"], [], ["some notes"]]

@@ -96,7 +96,7 @@ def test_download_resumes_a_dropped_connection_and_skips_intact(tmp_path, files,
         half = len(files[S.shard_name(1)]) // 2
         assert (S.shard_name(1), f"bytes={half}-") in server.requests  # resumed where the drop cut it
         out = capsys.readouterr().out
-        assert "connection dropped" in out and "retrying" in out and "[4/4]" in out
+        assert "connection dropped" in out and "retrying" in out and "] 4/4 " in out
         assert S.split_shards("val", base)[0].name == S.shard_name(VAL_SHARD)
 
         # a second run fetches nothing; a damaged shard is fetched again

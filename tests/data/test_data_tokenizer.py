@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import pickle
 
 import pytest
 import torch
@@ -89,3 +90,16 @@ def test_cli_tokenizer(corpus_dir, capsys):
     val = docs[-24:]  # the validation shard holds the last 24 documents
     expected = sum(len(t.encode()) for t in val) / sum(len(tok.encode(t)) for t in val)
     assert ratio == pytest.approx(expected, abs=0.01) and ratio > 1.5
+
+
+def test_loads_nanochat_pickled_encoding(tokenizer, tmp_path):
+    """nanochat saves its tokenizer as a pickled tiktoken.Encoding; such a directory loads too."""
+    d = tmp_path / "nanochat_tok"
+    d.mkdir()
+    with open(d / "tokenizer.pkl", "wb") as f:
+        pickle.dump(tokenizer.enc, f)
+    loaded = Tokenizer.load(d)
+    assert loaded.fingerprint == tokenizer.fingerprint and loaded.bos_token_id == tokenizer.bos_token_id
+    (d / "tokenizer.pkl").write_bytes(b"not a pickle")
+    with pytest.raises(UserError, match="is unreadable"):
+        Tokenizer.load(d)
