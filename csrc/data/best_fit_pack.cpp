@@ -149,7 +149,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> best_fit_pack_cpu(
     return doc;
   };
 
-  at::Tensor rows = at::empty({num_rows, row_len}, tokens.options());
+  // Each completed row uses up documents holding at least row_len tokens, so no more rows than this can come.
+  const int64_t capacity = std::min(num_rows, (off[num_docs] - off[0]) / row_len);
+  at::Tensor rows = at::empty({capacity, row_len}, tokens.options());
   at::Tensor consumed = at::empty({num_docs}, offsets.options().dtype(at::kBool));
   at::Tensor cropped = at::empty({}, offsets.options());
   int32_t* out = rows.mutable_data_ptr<int32_t>();
@@ -159,7 +161,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> best_fit_pack_cpu(
   int64_t total_crop = 0;
   int64_t done = 0;
   std::vector<int64_t> in_row;
-  for (; done < num_rows; ++done) {
+  // Past `capacity` (when it is below num_rows) fewer than row_len tokens are left, so the reference would
+  // abandon the next row, which changes nothing it returns: stop there.
+  for (; done < capacity; ++done) {
     int32_t* row = out + done * row_len;
     int64_t pos = 0;
     int64_t row_crop = 0;
@@ -199,10 +203,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> best_fit_pack_cpu(
     total_crop += row_crop;
   }
   *cropped.mutable_data_ptr<int64_t>() = total_crop;
-  if (done < num_rows) {
-    rows = rows.narrow(0, 0, done).clone();
-  }
-  return {rows, consumed, cropped};
+  return {rows.narrow(0, 0, done), consumed, cropped};
 }
 
 }  // namespace
