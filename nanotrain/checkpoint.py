@@ -483,17 +483,6 @@ def save_checkpoint(ckpt_dir: str | os.PathLike, step: int, model_state: dict | 
     ckpt_dir = Path(ckpt_dir)
     final = ckpt_dir / step_dir_name(step)
 
-    # Validate everything before writing a byte.
-    if rank == 0:
-        if not isinstance(model_state, dict) or not model_state:
-            raise ValueError("rank 0 must pass the model state_dict to save_checkpoint")
-        model_state = _prepare_model_state(model_state)
-        meta = _jsonable(meta)
-    if optim_state is not None:
-        _check_plain(optim_state, "optim_state")
-    if rank_state is not None:
-        _check_plain(rank_state, "rank_state")
-
     owner = _save_owner(world_size)
     tmp = ckpt_dir / f"{final.name}.tmp-{owner}"
     # Every rank calls the barrier exactly three times even when its own work fails (later work is skipped and
@@ -508,8 +497,21 @@ def save_checkpoint(ckpt_dir: str | os.PathLike, step: int, model_state: dict | 
                 errors.append(e)
         return None
 
+    def validate() -> None:  # everything is checked before a byte is written
+        nonlocal model_state, meta
+        if rank == 0:
+            if not isinstance(model_state, dict) or not model_state:
+                raise ValueError("rank 0 must pass the model state_dict to save_checkpoint")
+            model_state = _prepare_model_state(model_state)
+            meta = _jsonable(meta)
+        if optim_state is not None:
+            _check_plain(optim_state, "optim_state")
+        if rank_state is not None:
+            _check_plain(rank_state, "rank_state")
+
     sums: dict[str, str] = {}
     try:
+        attempt(validate)
         if rank == 0:
             attempt(lambda: _make_tmp(ckpt_dir, tmp))
         sync()

@@ -366,7 +366,7 @@ def test_sigkill_during_save_keeps_previous_checkpoint(tmp_path, phase):
 
 # ----------------------------------------------------------------------------------------------- several ranks
 def _save_as_ranks(d: Path, step: int, world_size: int, optim_sharded: bool | None = None,
-                   check: bool = True) -> list:
+                   check: bool = True, bad_rank: int | None = None) -> list:
     """Save from `world_size` threads acting as ranks; each rank's returned path or raised exception."""
     gate = threading.Barrier(world_size, timeout=30)  # a hang (a rank skipping a barrier) fails, never blocks
     results: list = [None] * world_size
@@ -375,8 +375,11 @@ def _save_as_ranks(d: Path, step: int, world_size: int, optim_sharded: bool | No
         try:
             meta = _meta() if optim_sharded is None else _meta(optim_sharded=optim_sharded)
             model_state = {"w": torch.arange(6.0)} if rank == 0 else None
+            rank_state = {"rank": rank, "rng": capture_rng_state()}
+            if rank == bad_rank:
+                rank_state["perm"] = np.arange(3)  # not loadable with weights_only
             results[rank] = save_checkpoint(d, step, model_state, {"shard": torch.full((2,), float(rank))}, meta,
-                                            rank_state={"rank": rank, "rng": capture_rng_state()}, rank=rank,
+                                            rank_state=rank_state, rank=rank,
                                             world_size=world_size, barrier=gate.wait)
         except BaseException as e:  # returned to the test
             results[rank] = e
@@ -501,6 +504,13 @@ def test_torch_distributed_gloo_two_ranks(tmp_path):
     meta = read_meta(d)
     assert meta["world_size"] == 2 and meta["optim_sharded"] is True
     assert [p.name for p in d.iterdir() if ".tmp-" in p.name] == []
+
+
+def test_multi_rank_invalid_state_on_one_rank_writes_nothing(tmp_path):
+    results = _save_as_ranks(tmp_path, 1, world_size=2, check=False, bad_rank=1)
+    assert isinstance(results[1], TypeError) and "rank_state['perm']" in str(results[1])
+    assert isinstance(results[0], RuntimeError) and "rank 1 did not report" in str(results[0])
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_multi_rank_without_barrier_is_refused(tmp_path):
