@@ -711,7 +711,8 @@ def load_checkpoint(ckpt_dir: str | os.PathLike, step: int | str = "latest", ran
     step_dir = ckpt_dir / step_dir_name(n)
     meta = read_meta(ckpt_dir, n)
     sums = _read_checksums(step_dir)
-    assert sums is not None
+    if sums is None:  # removed between reading meta and here (a concurrent prune)
+        raise UserError(f"checkpoint {step_dir} disappeared while loading; try again")
     model_state = _load_torch(ckpt_dir, n, sums, MODEL_FILE, device)
     optim_state = None
     if load_optim:
