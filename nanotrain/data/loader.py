@@ -75,12 +75,17 @@ class DataLoader:
         self.shards: list[Path] = S.split_shards(split, base_dir)
         self.data_fingerprint = S.data_fingerprint(base_dir)
         self._check_tokenizer()
-        self._pfs: dict[int, object] = {}
+        self._pf: tuple[int, object] | None = None  # the open shard (one file handle at a time)
         units = []
-        for i, path in enumerate(self.shards):
-            pf = self._open(i)
-            if pf is not None:
-                units += [_Unit(i, g) for g in range(pf.num_row_groups)]
+        for i, path in enumerate(self.shards):  # footers only: early errors, exact rank balance
+            try:
+                n = S.count_row_groups(path)
+            except UserError as e:
+                if not skip_corrupt or "text` column" in str(e):
+                    raise
+                S.warn(f"skipping {path}: {e}")
+                continue
+            units += [_Unit(i, g) for g in range(n)]
         self.num_row_groups = len(units)
         self.units = units[rank::world_size]
         if not self.units and (self.loop or not units):
@@ -112,15 +117,11 @@ class DataLoader:
                             "(the data directory was rebuilt since); run `nanotrain-data tokenizer` again")
 
     def _open(self, i: int):
-        if i not in self._pfs:
-            try:
-                self._pfs[i] = S.open_shard(self.shards[i])
-            except UserError as e:
-                if not self.skip_corrupt or "text` column" in str(e):
-                    raise
-                S.warn(f"skipping {self.shards[i]}: {e}")
-                self._pfs[i] = None
-        return self._pfs[i]
+        if self._pf is None or self._pf[0] != i:
+            if self._pf is not None:
+                self._pf[1].close()
+            self._pf = (i, S.open_shard(self.shards[i]))
+        return self._pf[1]
 
     def _unit_texts(self) -> list[str]:
         if self._texts is None:

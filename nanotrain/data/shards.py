@@ -89,6 +89,15 @@ def open_shard(path: Path) -> pq.ParquetFile:
     return pf
 
 
+def count_row_groups(path: Path) -> int:
+    """Row groups of a shard, checked as by open_shard; the file is closed again (no handle kept)."""
+    pf = open_shard(path)
+    try:
+        return pf.num_row_groups
+    finally:
+        pf.close()
+
+
 def read_row_group(pf: pq.ParquetFile, index: int, path: Path) -> list[str]:
     """The documents of one row group (None rows become "")."""
     try:
@@ -102,7 +111,7 @@ def read_row_group(pf: pq.ParquetFile, index: int, path: Path) -> list[str]:
 def is_intact(path: Path) -> bool:
     """True when the file is a parquet file whose footer can be read (the test for a complete download)."""
     try:
-        pq.ParquetFile(path).metadata
+        pq.ParquetFile(path).close()
         return True
     except Exception:
         return False
@@ -118,19 +127,22 @@ def iter_documents(split: str, base_dir: str | os.PathLike | None = None, *, doc
     total = 0
     for path in split_shards(split, base_dir):
         pf = open_shard(path)
-        for rg in range(pf.num_row_groups):
-            for text in read_row_group(pf, rg, path):
-                if not text:
-                    continue
-                if doc_cap is not None and len(text) > doc_cap:
-                    text = text[:doc_cap]
-                if max_chars is not None and total + len(text) > max_chars:
-                    text = text[:max_chars - total]
-                    if text:
-                        yield text
-                    return
-                total += len(text)
-                yield text
+        try:
+            for rg in range(pf.num_row_groups):
+                for text in read_row_group(pf, rg, path):
+                    if not text:
+                        continue
+                    if doc_cap is not None and len(text) > doc_cap:
+                        text = text[:doc_cap]
+                    if max_chars is not None and total + len(text) > max_chars:
+                        text = text[:max_chars - total]
+                        if text:
+                            yield text
+                        return
+                    total += len(text)
+                    yield text
+        finally:
+            pf.close()
 
 
 # ----------------------------------------------------------------------------- writing
