@@ -8,7 +8,8 @@ Measured in one run, on one GPU:
     in GB/s of the minimal traffic (read x once, write each fp8 output once).
 The issue's targets: fwd+bwd >= 1.5x bf16 (tensorwise), >= 1.2x (rowwise).
 
-Run:  python benchmarks/bench_fp8.py            (a table; JSON to $OUT/bench_fp8.json when $OUT is set)
+Run:  python benchmarks/bench_fp8.py            (a table and RESULTS.md lines; JSON to $OUT/bench_fp8.json,
+                                                 else benchmarks/out/)
       python -m pytest benchmarks/bench_fp8.py   (pytest-benchmark, pedantic mode)
 Everything is skipped without CUDA. Timing: CUDA events after warm-up, median of the repeats.
 """
@@ -16,7 +17,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 
 import pytest
@@ -32,41 +32,11 @@ TARGETS = {"tensorwise": 1.5, "rowwise": 1.2}
 DEVICE = "cuda"
 
 
-def _common_timer():
-    """The platform's shared timer (benchmarks/common.py: cuda_time_ms(fn, warmup=, repeats=)), if present."""
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    try:
-        import common  # type: ignore
-        return getattr(common, "cuda_time_ms", None)
-    except ImportError:
-        return None
-    finally:
-        sys.path.pop(0)
-
-
-_common_time_ms = _common_timer()
-
-
 def cuda_time_ms(fn, warmup: int = 5, repeats: int = 20) -> float:
-    """Median milliseconds of fn() timed with CUDA events after `warmup` calls."""
-    if _common_time_ms is not None:
-        try:
-            return _common_time_ms(fn, warmup=warmup, repeats=repeats)
-        except TypeError:  # a different signature: use the local timer
-            pass
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    times.sort()
-    return times[len(times) // 2]
+    """Median milliseconds of fn() (CUDA events after warm-up): the platform's common.cuda_time_ms."""
+    import common  # benchmarks/common.py (on sys.path when run as a script or through benchmarks/conftest.py)
+
+    return common.cuda_time_ms(fn, warmup=warmup, repeats=repeats)
 
 
 def _inputs():
@@ -169,14 +139,24 @@ def measure_quantize() -> list[dict]:
     return rows
 
 
-def environment() -> dict:
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
-    except OSError:
-        commit = "?"
-    return {"gpu": torch.cuda.get_device_name(), "capability": ".".join(map(str, torch.cuda.get_device_capability())),
-            "torch": torch.__version__, "commit": commit, "shape": f"x {M}x{K}, w {N}x{K}, bf16 activations"}
+def to_rows(results: list[dict], copy_gbs: float | None = None) -> list:
+    """The measurements as common.Row records (RESULTS.md lines), with the speed-up over the bf16 peer
+    (linear, GEMM) or the percentage of the measured copy bandwidth (quantize)."""
+    import common
+
+    rows = []
+    for r in results:
+        if "error" in r:
+            continue
+        if "tflops" in r:
+            rows.append(common.Row(bench=f"fp8 {r['bench']}", case=f"x {M}x{K}, w {N}x{K}, bf16",
+                                   provider=r["provider"], time_ms=r["ms"], rate=r["tflops"], unit="TFLOP/s",
+                                   vs_peer=r["speedup_vs_bf16"], peer="bf16"))
+        else:
+            rows.append(common.Row(bench=f"fp8 {r['bench']}", case=f"x {M}x{K} bf16", provider=r["provider"],
+                                   time_ms=r["ms"], rate=r["gb_s"], unit="GB/s",
+                                   pct_of_limit=100 * r["gb_s"] / copy_gbs if copy_gbs else None))
+    return rows
 
 
 def main() -> int:
@@ -187,24 +167,31 @@ def main() -> int:
     if why is not None:
         print(f"bench_fp8: skipped (needs an FP8 GPU; this is {why})")
         return 0
-    env = environment()
-    rows = measure_linear() + measure_gemm() + measure_quantize()
-    print(" | ".join(f"{k}: {v}" for k, v in env.items()))
-    for r in rows:
+    import common
+
+    results = measure_linear() + measure_gemm() + measure_quantize()
+    copy = common.copy_bandwidth_gbs()
+    print(" | ".join(f"{k}: {v}" for k, v in common.machine_info().items()) + f" | copy {copy:.0f} GB/s")
+    for r in results:
         if "error" in r:
             print(f"{r['bench']:<34} {r['provider']:<52} ERROR {r['error'][:200]}")
             continue
         extra = f"{r['tflops']:8.1f} TFLOP/s  x{r['speedup_vs_bf16']:.2f} vs bf16" if "tflops" in r \
-            else f"{r['gb_s']:8.0f} GB/s"
+            else f"{r['gb_s']:8.0f} GB/s ({100 * r['gb_s'] / copy:.0f}% of copy)"
         print(f"{r['bench']:<34} {r['provider']:<52} {r['ms']:8.3f} ms  {extra}")
     for recipe, target in TARGETS.items():
-        best = max((r["speedup_vs_bf16"] for r in rows if r["bench"] == "linear fwd+bwd"
+        best = max((r["speedup_vs_bf16"] for r in results if r["bench"] == "linear fwd+bwd"
                     and r["provider"].startswith(f"fp8 {recipe}") and "speedup_vs_bf16" in r), default=0.0)
         verdict = "MET" if best >= target else "NOT MET"
         print(f"target {recipe}: fwd+bwd x{best:.2f} vs bf16 (target x{target}): {verdict}")
-    if os.environ.get("OUT"):
-        with open(os.path.join(os.environ["OUT"], "bench_fp8.json"), "w") as f:
-            json.dump({"env": env, "rows": rows}, f, indent=1)
+    rows = [common.record(row) for row in to_rows(results, copy)]
+    print(common.MARKDOWN_HEADER)
+    for row in rows:
+        print(row.markdown())
+    out_dir = os.environ.get("OUT") or os.path.join(os.path.dirname(os.path.abspath(__file__)), "out")
+    common.save_json(rows, os.path.join(out_dir, "bench_fp8.json"))
+    with open(os.path.join(out_dir, "bench_fp8_raw.json"), "w") as f:
+        json.dump(results, f, indent=1)
     return 0
 
 
@@ -231,7 +218,7 @@ def _pedantic(benchmark, fn):
 def test_bench_linear_fwd_bwd(benchmark, provider):
     fn, forced = linear_providers()[provider]
     x, w, dy = _inputs()
-    benchmark.extra_info.update(environment(), flops=LINEAR_FLOPS)
+    benchmark.extra_info.update(flops=LINEAR_FLOPS)
     _pedantic(benchmark, _linear_step(fn, x, w, dy, forced))
 
 
@@ -240,7 +227,7 @@ def test_bench_linear_fwd_bwd(benchmark, provider):
 @pytest.mark.parametrize("mode", [-1, 1, 0])
 def test_bench_quantize(benchmark, mode):
     x = torch.randn(M, K, device=DEVICE, dtype=torch.bfloat16)
-    benchmark.extra_info.update(environment(), bytes=x.numel() * 4)
+    benchmark.extra_info.update(bytes=x.numel() * 4)
     _pedantic(benchmark, lambda: fp8.triton_cast(x, fp8.E4M3, mode, mode != -1, mode != 0, mode != 1))
 
 

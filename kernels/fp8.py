@@ -4,7 +4,8 @@ transposed copy) and an FP8 GEMM that applies the dequantization scales in its e
 Conventions (shared with nanotrain/ops/fp8.py, which owns dispatch, checks and autograd):
   scale = fp8_max / max(amax, eps)        the quantization multiplier (x_fp8 ~ x * scale)
   x_fp8 = cast(clamp(x * scale, +-fp8_max)) rounded to nearest even, never inf/NaN from overflow
-  mode  = -1: one scale for the tensor; 1: one scale per row (amax over columns); 0: one per column
+  mode  = -1: one scale for the tensor; 1: one scale per row (amax over columns); 0: one per column;
+          2: both at once (the row-scaled copy and the column-scaled transposed copy, for rowwise linears)
   power_of_2: the scale is rounded down to a power of two (its mantissa bits cleared)
   out   = (a_fp8 @ b_fp8) / (scale_a * scale_b), accumulated in fp32
 
