@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from nanotrain.ops.attention import attention, attention_decode
+from nanotrain.scaling import window_sizes
 
 LOGIT_SOFTCAP = 15.0
 ROPE_BASE = 100_000.0
@@ -81,11 +82,7 @@ def compute_window_sizes(config: GPTConfig) -> list[int | None]:
     query sees itself plus sequence_len // 2 earlier tokens: sequence_len // 2 + 1 keys in our
     semantics. L layers look back sequence_len tokens, which is the full context: None.
     """
-    pattern = config.window_pattern.upper()
-    short = config.sequence_len // 2 + 1
-    sizes: list[int | None] = [None if pattern[i % len(pattern)] == "L" else short for i in range(config.n_layer)]
-    sizes[-1] = None
-    return sizes
+    return window_sizes(config.window_pattern, config.n_layer, config.sequence_len)
 
 
 def has_value_embedding(layer_idx: int, n_layer: int) -> bool:
