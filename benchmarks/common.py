@@ -162,7 +162,7 @@ class Row:
         m = self.machine or machine_info()
         pct = f"{self.pct_of_limit:.0f}%" if self.pct_of_limit is not None else "-"
         peer = f"{self.vs_peer:.2f}x {self.peer}" if self.vs_peer is not None else "-"
-        rate = f"{self.rate:,.3g} {self.unit}" if self.unit else "-"
+        rate = (f"{self.rate:,.0f}" if self.rate >= 100 else f"{self.rate:.3g}") + f" {self.unit}" if self.unit else "-"
         return (f"| {m.get('date', '')} | {m.get('device', '')} | {m.get('commit', '')} | {self.bench} | {self.case} | "
                 f"{self.provider} | {self.time_ms:.4g} ms | {rate} | {pct} | {peer} | {self.note} |")
 
