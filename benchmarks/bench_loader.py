@@ -12,17 +12,20 @@ read from parquet and tokenized inside the timed region. The figure is tokens/s 
 from __future__ import annotations
 
 import os
-import platform
+import sys
 import time
 
 import pytest
 import torch
 
-from nanotrain.data import shards as S
-from nanotrain.data.loader import DataLoader
-from nanotrain.data.sample import make_sample
-from nanotrain.data.tokenizer import train_tokenizer
-from nanotrain.ops import registry
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # noqa: E402
+
+from nanotrain.data import shards as S  # noqa: E402
+from nanotrain.data.loader import DataLoader  # noqa: E402
+from nanotrain.data.sample import make_sample  # noqa: E402
+from nanotrain.data.tokenizer import train_tokenizer  # noqa: E402
+from nanotrain.ops import registry  # noqa: E402
 
 B, T = 8, 2048
 NUM_BATCHES = 20
@@ -57,8 +60,11 @@ def test_loader_tokens_per_second(benchmark, corpus, backend):
     median = benchmark.stats.stats.median
     benchmark.extra_info.update(
         tokens_per_s=round(tokens / median), first_batch_s=round(first, 3),
-        cropped_fraction=round(loader.cropped_fraction, 4), backend=backend, B=B, T=T, vocab=tok.vocab_size,
-        cpus=os.cpu_count(), machine=platform.processor() or platform.machine())
+        cropped_fraction=round(loader.cropped_fraction, 4), backend=backend, B=B, T=T, vocab=tok.vocab_size)
+    common.record(common.Row(
+        bench="loader", case=f"B={B}, T={T}, vocab {tok.vocab_size}, sample corpus, tokenization included",
+        provider=f"packing={backend}", time_ms=median / NUM_BATCHES * 1e3, rate=tokens / median / 1e6,
+        unit="Mtok/s", note=f"{os.cpu_count()} CPUs; cropped {loader.cropped_fraction:.1%}; first batch {first:.2f}s"))
     print(f"\n{backend}: {tokens / median:,.0f} packed tokens/s (median of 5 rounds of {NUM_BATCHES} batches, "
           f"B={B}, T={T}, vocab {tok.vocab_size}, cropped {loader.cropped_fraction:.1%}); "
           f"first batch (buffer fill) {first:.2f}s")

@@ -181,3 +181,14 @@ def test_packer_backends_give_the_same_stream(corpus_dir, tokenizer):
     for other in streams[1:]:
         for (x0, y0), (x1, y1) in zip(streams[0], other):
             assert torch.equal(x0, x1) and torch.equal(y0, y1)
+
+
+@pytest.mark.gpu
+def test_cuda_batches_match_cpu(corpus_dir, tokenizer):
+    """On CUDA the batches arrive on the device (pinned host buffer, one non-blocking copy), equal to the CPU's."""
+    base, _ = corpus_dir
+    cpu = take(DataLoader(tokenizer, 4, 64, base_dir=base), 3)
+    gpu = take(DataLoader(tokenizer, 4, 64, device="cuda", base_dir=base), 3)
+    for (x0, y0), (x1, y1) in zip(cpu, gpu):
+        assert x1.device.type == "cuda" and x1.dtype == torch.int64 and x1.is_contiguous()
+        assert torch.equal(x0, x1.cpu()) and torch.equal(y0, y1.cpu())
