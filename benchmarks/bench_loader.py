@@ -36,7 +36,7 @@ VOCAB = int(os.environ.get("NANOTRAIN_BENCH_VOCAB", "32768"))
 def corpus(tmp_path_factory):
     base = tmp_path_factory.mktemp("bench_loader")
     docs, _ = make_sample(6_000_000, log=lambda m: None)
-    S.write_shards(docs, base, 500, {"source": "sample"})
+    S.write_shards(docs, base, 2000, {"source": "sample"})
     tok = train_tokenizer(S.iter_documents("train", base, doc_cap=10_000), VOCAB)
     return base, tok
 

@@ -47,11 +47,11 @@ def cmd_sample(args: argparse.Namespace) -> None:
     t0 = time.time()
     S.prepare_data_dir(args.base_dir, "sample", args.force)  # fail before the work, not after
     print(f"collecting at least {args.min_bytes / 1e6:.1f} MB of documentation text installed on this machine")
-    docs, stats = make_sample(args.min_bytes, seed=args.seed)
+    docs, stats = make_sample(args.min_bytes, max_doc_chars=args.max_doc_chars, seed=args.seed)
     S.prepare_data_dir(args.base_dir, "sample", args.force)
     out = S.write_shards(docs, args.base_dir, args.docs_per_shard,
                          {"source": "sample", "min_bytes": args.min_bytes, "seed": args.seed,
-                          "documents": len(docs), "bytes": stats["bytes"]})
+                          "max_doc_chars": args.max_doc_chars, "documents": len(docs), "bytes": stats["bytes"]})
     chars = sum(len(d) for d in docs)
     print(f"{len(docs)} documents, {chars:,} characters ({stats['bytes'] / 1e6:.1f} MB) from {stats['files']} files "
           f"({stats['duplicates']} duplicate docstrings dropped)")
@@ -134,7 +134,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("sample", "build an offline corpus from the documentation installed on this machine")
     p.add_argument("--min-bytes", type=_positive, default=6_000_000,
                    help="collect at least this much text (default 6000000)")
-    p.add_argument("--docs-per-shard", type=_positive, default=500, help="documents per shard (default 500)")
+    p.add_argument("--max-doc-chars", type=_positive, default=1000,
+                   help="cut each file's documentation into documents of at most this many characters, at "
+                        "paragraph boundaries (default 1000)")
+    p.add_argument("--docs-per-shard", type=_positive, default=2000, help="documents per shard (default 2000)")
     p.add_argument("--seed", type=int, default=0, help="seed of the document shuffle (default 0)")
     p.add_argument("--force", action="store_true", help="replace shards that were downloaded or put there by hand")
     p.set_defaults(func=cmd_sample)

@@ -5,8 +5,9 @@ Sources, in this order, until at least `min_bytes` of text are collected:
      standard library, then site-packages, walked in sorted path order and read with `ast`
      (nothing is imported, so heavy or broken packages cost nothing);
   2. plain-text documentation under /usr/share/doc (README, *.txt, *.md), when present.
-One document per source file (its docstrings joined by blank lines). Docstrings seen before are
-dropped (inherited and copied docstrings are common), as are documents under `min_doc_chars`.
+A file's docstrings, joined by blank lines, are cut at paragraph boundaries into documents of at
+most `max_doc_chars` characters (see chunk_paragraphs). Docstrings seen before are dropped
+(inherited and copied docstrings are common), as are documents under MIN_DOC_CHARS.
 The documents are shuffled with a fixed seed, so two runs on the same machine write identical shards.
 Nothing of this text is stored in the repository: it is made on the spot.
 """
@@ -29,7 +30,8 @@ SKIP_DIRS = {"__pycache__", "site-packages", "dist-packages", "test", "tests", "
              "idle_test", ".git"}
 DOC_FILE_SUFFIXES = (".txt", ".md", ".rst")
 MIN_DOCSTRING_CHARS = 40
-MIN_DOC_CHARS = 200
+MIN_DOC_CHARS = 100
+MAX_DOC_CHARS = 1000  # ~300 tokens at vocab 4096: documents fit short rows (see chunk_paragraphs)
 MAX_FILE_BYTES = 4_000_000
 MIN_DOCS = 10  # so that even a tiny --min-bytes gives a training and a validation shard
 
@@ -98,7 +100,28 @@ def text_file_paragraphs(path: str) -> list[str]:
     return [text] if text else []
 
 
-def collect_documents(min_bytes: int, *, workers: int | None = None,
+def chunk_paragraphs(pieces: list[str], max_chars: int) -> list[str]:
+    """Consecutive paragraphs of a file's pieces grouped into documents of at most max_chars characters
+    (a single longer paragraph stays whole), joined by blank lines.
+
+    Short documents keep the packer's cropping low: a document longer than a training row loses
+    everything past the row (at T=256, whole-file documents lost most of their tokens)."""
+    paragraphs = [p for piece in pieces for p in piece.split("\n\n") if p.strip()]
+    out: list[str] = []
+    cur: list[str] = []
+    size = 0
+    for p in paragraphs:
+        if cur and size + 2 + len(p) > max_chars:
+            out.append("\n\n".join(cur))
+            cur, size = [], 0
+        size += len(p) + (2 if cur else 0)
+        cur.append(p)
+    if cur:
+        out.append("\n\n".join(cur))
+    return out
+
+
+def collect_documents(min_bytes: int, *, max_doc_chars: int = MAX_DOC_CHARS, workers: int | None = None,
                       log: Callable[[str], None] = print) -> tuple[list[str], dict]:
     """Documents in discovery order until their UTF-8 size reaches min_bytes and there are MIN_DOCS of them
     (all sources if never).
@@ -124,11 +147,10 @@ def collect_documents(min_bytes: int, *, workers: int | None = None,
                 continue
             seen.add(h)
             kept.append(piece)
-        doc = "\n\n".join(kept)
-        if len(doc) >= MIN_DOC_CHARS:
-            b = len(doc.encode("utf-8", "replace"))
-            docs.append(doc)
-            stats["bytes"] += b
+        for doc in chunk_paragraphs(kept, max_doc_chars):
+            if len(doc) >= MIN_DOC_CHARS:
+                docs.append(doc)
+                stats["bytes"] += len(doc.encode("utf-8"))
 
     sources = [("python_files", python_files, docstrings_of), ("doc_files", doc_files, text_file_paragraphs)]
     with contextlib.ExitStack() as stack:
@@ -158,12 +180,12 @@ def _clean(text: str) -> str:
     return text.encode("utf-8", "replace").decode("utf-8") if not text.isascii() else text
 
 
-def make_sample(min_bytes: int = 6_000_000, *, seed: int = 0, workers: int | None = None,
-                log: Callable[[str], None] = print) -> tuple[list[str], dict]:
+def make_sample(min_bytes: int = 6_000_000, *, max_doc_chars: int = MAX_DOC_CHARS, seed: int = 0,
+                workers: int | None = None, log: Callable[[str], None] = print) -> tuple[list[str], dict]:
     """The sample corpus: collected documents shuffled with a fixed seed (see module doc)."""
     from nanotrain.errors import UserError
 
-    docs, stats = collect_documents(min_bytes, workers=workers, log=log)
+    docs, stats = collect_documents(min_bytes, max_doc_chars=max_doc_chars, workers=workers, log=log)
     if stats["bytes"] < min_bytes:
         raise UserError(f"found only {stats['bytes'] / 1e6:.1f} MB of documentation text on this machine (wanted "
                         f"{min_bytes / 1e6:.1f} MB); pass a smaller --min-bytes, or use `nanotrain-data build` "

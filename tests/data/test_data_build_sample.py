@@ -12,7 +12,7 @@ import pytest
 from nanotrain import paths
 from nanotrain.data import shards as S
 from nanotrain.data.cli import main
-from nanotrain.data.sample import doc_files, docstrings_of, text_file_paragraphs
+from nanotrain.data.sample import chunk_paragraphs, doc_files, docstrings_of, text_file_paragraphs
 from nanotrain.errors import UserError
 
 
@@ -87,8 +87,10 @@ def test_sample_is_deterministic(tmp_path, capsys):
     assert [p.read_bytes() for p in sa] == [p.read_bytes() for p in sb]
     texts = all_texts(a)
     assert sum(len(t.encode()) for t in texts) >= 150_000
-    assert len(set(texts)) == len(texts) and min(len(t) for t in texts) >= 200
-    assert any("\n\n" in t for t in texts)  # several docstrings of one file make a document
+    assert len(set(texts)) == len(texts) and min(len(t) for t in texts) >= 100
+    assert any("\n\n" in t for t in texts)  # paragraphs of one file's docstrings make a document
+    long = [t for t in texts if len(t) > 1000]  # only single paragraphs may exceed --max-doc-chars
+    assert len(long) < 0.1 * len(texts) and all("\n\n" not in t for t in long)
     assert S.read_source(a)["source"] == "sample"
     assert main(["sample", "--base-dir", str(a), "--min-bytes", "150000", "--docs-per-shard", "20"]) == 0
     assert [p.read_bytes() for p in S.list_shards(a)] == [p.read_bytes() for p in sb]  # rerun replaces sample
@@ -149,3 +151,11 @@ def test_sample_reads_docstrings_and_text_docs(tmp_path):
     found = list(doc_files(tmp_path / "doc"))
     assert [p.name for p in found] == ["README", "latin1.txt", "notes.txt"]
     assert [text_file_paragraphs(str(p)) for p in found] == [["read me"], [], ["some notes"]]
+
+
+def test_chunk_paragraphs():
+    pieces = ["a" * 300 + "\n\n" + "b" * 300, "c" * 500, "d" * 1500 + "\n\n\n\n" + "e" * 10]
+    assert chunk_paragraphs(pieces, 1000) == ["a" * 300 + "\n\n" + "b" * 300, "c" * 500, "d" * 1500, "e" * 10]
+    assert chunk_paragraphs(pieces, 2000) == ["a" * 300 + "\n\n" + "b" * 300 + "\n\n" + "c" * 500,
+                                              "d" * 1500 + "\n\n" + "e" * 10]
+    assert all(len(c) <= 602 for c in chunk_paragraphs(["x" * 300] * 10, 602))
