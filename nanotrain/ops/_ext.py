@@ -21,6 +21,7 @@ REINSTALL = "reinstall with `pip install --no-build-isolation -e .`"
 DISABLE_VAR = "NANOTRAIN_NO_EXT"
 
 _absent_reason: str | None = None
+_fakes_registered = False
 
 
 @functools.lru_cache(maxsize=None)
@@ -36,7 +37,10 @@ def load_extension() -> ModuleType | None:
         missing = isinstance(e, ModuleNotFoundError) and e.name == "nanotrain._C"
         _absent_reason = "not built" if missing else f"cannot load it ({e})"
         return None
-    _register_fakes()
+    global _fakes_registered
+    if not _fakes_registered:  # once per process, also when a test clears the cache of load_extension
+        _register_fakes()
+        _fakes_registered = True
     return module
 
 
