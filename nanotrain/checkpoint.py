@@ -102,6 +102,12 @@ MUST_MATCH_TRAIN_KEYS: dict[str, str] = {
     "device_batch_size": "data stream (rows per micro-batch)",
     # Tokens per optimizer step: sets gradient accumulation, the data each step consumes and the LR/WD scaling.
     "total_batch_size": "tokens per step",
+    "fp8": "matmul numerics",
+    "fp8_recipe": "matmul numerics",
+}
+# Options a resumed run may change on purpose (extend the horizon, lower the LR after a diverged loss). The run
+# is then no longer the uninterrupted one, so check_resume_compatible reports each change for the log.
+NOTED_TRAIN_KEYS: dict[str, str] = {
     # The horizon fixes the number of steps, and the LR schedule (warmup, warmdown) is a fraction of it.
     "num_iterations": "training horizon (LR schedule)",
     "target_flops": "training horizon (LR schedule)",
@@ -116,8 +122,6 @@ MUST_MATCH_TRAIN_KEYS: dict[str, str] = {
     "warmup_ratio": "LR schedule",
     "warmdown_ratio": "LR schedule",
     "final_lr_frac": "LR schedule",
-    "fp8": "matmul numerics",
-    "fp8_recipe": "matmul numerics",
 }
 # Options that set the model shape, shown as the flags to pass when the shape differs.
 _SHAPE_FLAGS = ("depth", "aspect_ratio", "head_dim", "max_seq_len", "window_pattern")
@@ -733,13 +737,14 @@ def load_checkpoint(ckpt_dir: str | os.PathLike, step: int | str = "latest", ran
 
 
 # ----------------------------------------------------------------------------------------------- resume checks
-def check_resume_compatible(saved_meta: dict, new_meta: dict) -> None:
-    """Refuse (UserError) a resume that would not continue the same run; cadence changes pass.
+def check_resume_compatible(saved_meta: dict, new_meta: dict) -> list[str]:
+    """Refuse (UserError) a resume that cannot continue the run; return notes on deliberate changes.
 
     Refused: a different model shape (model_config), tokenizer fingerprint or data fingerprint; a different
     world size when the optimizer state is sharded (each rank holds a slice that only that rank count can
     use); any change of a MUST_MATCH_TRAIN_KEYS option (see there why each matters). A key missing (or None)
-    on either side is not compared, so older checkpoints and partial metas still resume.
+    on either side is not compared, so older checkpoints and partial metas still resume. Changes of
+    NOTED_TRAIN_KEYS options (horizon, LRs) are allowed and returned as one note each; cadences pass silently.
     """
     saved, new = _jsonable(saved_meta), _jsonable(new_meta)
     s_train, n_train = saved.get("train_config") or {}, new.get("train_config") or {}
@@ -775,8 +780,11 @@ def check_resume_compatible(saved_meta: dict, new_meta: dict) -> None:
         diffs = ", ".join(f"--{k.replace('_', '-')} {s_train[k]!r} -> {n_train[k]!r} ({MUST_MATCH_TRAIN_KEYS[k]})"
                           for k in changed)
         raise UserError(f"cannot resume: {diffs} changed since the checkpoint; resume with the checkpoint's values "
-                        "or start a new run under another --model-tag (only cadences such as --eval-every, "
-                        "--save-every, --sample-every may change)")
+                        "or start a new run under another --model-tag (cadences such as --eval-every, the horizon "
+                        "and the learning rates may change)")
+    return [f"--{k.replace('_', '-')} changed from {s_train[k]!r} to {n_train[k]!r} ({NOTED_TRAIN_KEYS[k]})"
+            for k in NOTED_TRAIN_KEYS if k in s_train and k in n_train and s_train[k] is not None
+            and n_train[k] is not None and s_train[k] != n_train[k]]
 
 
 # ----------------------------------------------------------------------------------------------- RNG state

@@ -200,8 +200,9 @@ def train(cfg: TrainConfig) -> LoopState:
     meta = run_meta(cfg, rt, model_config, tokenizer, data_fingerprint(cfg.base_dir), plan)
     ckpt = None
     if resuming:
+        for note in checkpoint.check_resume_compatible(checkpoint.read_meta(ckpt_dir, resume_step), meta):
+            mon.warn(f"resuming with a change: {note}")
         ckpt = checkpoint.load_checkpoint(ckpt_dir, resume_step, rank=rt.rank, device=rt.device)
-        checkpoint.check_resume_compatible(ckpt.meta, meta)
         model.load_state_dict(ckpt.model_state, strict=True)
         mon.print(f"Resuming from step {ckpt.step} ({ckpt.path})")
 
@@ -222,11 +223,11 @@ def train(cfg: TrainConfig) -> LoopState:
         matrix_lr=cfg.matrix_lr * plan.lr_scale, scalar_lr=cfg.scalar_lr * plan.lr_scale,
         weight_decay=plan.weight_decay, adam_betas=(cfg.adam_beta1, cfg.adam_beta2))
     state = LoopState()
-    loader_state = None
+    loader_state = batch = None
     if ckpt is not None:
         optimizer.load_state_dict(ckpt.optim_state)
         state = LoopState(**ckpt.meta["loop_state"])
-        loader_state = ckpt.rank_state["loader"]
+        loader_state, batch = ckpt.rank_state["loader"], ckpt.rank_state["batch"]
         checkpoint.restore_rng_state(ckpt.rank_state["rng"])
         del ckpt
 
@@ -254,7 +255,8 @@ def train(cfg: TrainConfig) -> LoopState:
     first_step = state.step
     skip_timing = min(10, num_iterations // 10)  # the first steps include compilation and warm-up
     train_iter = iter(train_loader)
-    x, y = next(train_iter)
+    # the batch the next step trains on: drawn now, or the one a checkpoint held back for exactly this step
+    x, y = next(train_iter) if batch is None else (batch["x"].to(rt.device), batch["y"].to(rt.device))
 
     with StopSignals() as stop:
         while True:
@@ -276,7 +278,7 @@ def train(cfg: TrainConfig) -> LoopState:
             stopping = step > first_step and stop.agreed(rt)
             periodic = cfg.save_every > 0 and step > first_step and step % cfg.save_every == 0
             if last_step or periodic or stopping:
-                path = save(ckpt_dir, cfg, rt, orig_model, optimizer, train_loader, state, meta)
+                path = save(ckpt_dir, cfg, rt, orig_model, optimizer, train_loader, (x, y), state, meta)
                 mon.print(f"Saved checkpoint: {path}")
             if stopping:
                 mon.print(f"Stopped by {stop.requested or 'a signal on another rank'} at step {step}. "
@@ -295,6 +297,7 @@ def train(cfg: TrainConfig) -> LoopState:
                     raise
                 device_batch_size, grad_accum, train_loader, train_iter, x, y = handle_first_step_oom(
                     cfg, rt, orig_model, optimizer, device_batch_size, grad_accum, make_train_loader, mon)
+                meta["train_config"]["device_batch_size"] = device_batch_size  # a resume must use it too
                 continue
             apply_schedules(optimizer, plan, step, cfg)
             optimizer.step()
@@ -427,11 +430,14 @@ def run_meta(cfg, rt, model_config, tokenizer, data_fp: str, plan) -> dict:
             "plan": asdict(plan), "code_version": __version__}
 
 
-def save(ckpt_dir, cfg, rt, model, optimizer, train_loader, state: LoopState, meta: dict):
+def save(ckpt_dir, cfg, rt, model, optimizer, train_loader, batch, state: LoopState, meta: dict):
+    """Save the run. The loader has already produced `batch` (the next step's inputs), so the batch is saved
+    beside the loader's state: a resumed run trains on it first, then continues the stream exactly."""
     from nanotrain import checkpoint
 
     full_meta = dict(meta, step=state.step, val_bpb=state.val_bpb, loop_state=asdict(state))
-    rank_state = {"loader": train_loader.state_dict(), "rng": checkpoint.capture_rng_state()}
+    rank_state = {"loader": train_loader.state_dict(), "rng": checkpoint.capture_rng_state(),
+                  "batch": {"x": batch[0].cpu(), "y": batch[1].cpu()}}
     return checkpoint.save_checkpoint(
         ckpt_dir, state.step, model.state_dict() if rt.master else {}, optimizer.state_dict(), full_meta,
         rank_state=rank_state, rank=rt.rank, world_size=rt.world_size,

@@ -1,0 +1,135 @@
+"""The trainer end to end on CPU: a tiny model trains, evaluates, samples, saves, resumes exactly,
+stops cleanly on a signal or a diverged loss."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from nanotrain import checkpoint, train
+from nanotrain.config import parse_args
+
+TINY = ["--device-type=cpu", "--depth=2", "--aspect-ratio=32", "--head-dim=32", "--max-seq-len=64",
+        "--device-batch-size=4", "--total-batch-size=512", "--window-pattern=SL", "--core-metric-every=-1",
+        "--eval-tokens=1024", "--warmup-ratio=0.1"]
+
+
+def run(base, tag, *extra):
+    return train.main([*TINY, f"--base-dir={base}", f"--model-tag={tag}", *extra])
+
+
+def metrics(base, tag):
+    path = base / "base_checkpoints" / tag / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_tiny_run_trains_evaluates_samples_and_saves(tiny_base_dir, capsys):
+    # LRs 4x the defaults: the batch is 1/1024 of the reference batch, which scales the LRs down by 32
+    assert run(tiny_base_dir, "e2e", "--num-iterations=30", "--eval-every=15", "--sample-every=30", "--matrix-lr=0.08",
+               "--embedding-lr=1.2", "--unembedding-lr=0.016", "--scalar-lr=2") == 0
+    out = capsys.readouterr().out
+    assert "Vocab size: " in out and "✓ attention:" in out and "step 00029/00030" in out
+    assert "sample:" in out and "Minimum validation bpb" in out
+    rows = metrics(tiny_base_dir, "e2e")
+    bpb = [r["val/bpb"] for r in rows if "val/bpb" in r]
+    assert len(bpb) == 3 and bpb[2] < bpb[1] < bpb[0] and bpb[2] < 0.75 * bpb[0], bpb  # steps 0, 15, 30
+    losses = [r["train/loss_raw"] for r in rows if "train/loss_raw" in r]
+    assert len(losses) == 30 and losses[-1] < losses[0]
+    ckpt_dir = tiny_base_dir / "base_checkpoints" / "e2e"
+    assert checkpoint.latest_step(ckpt_dir) == 30
+    assert (ckpt_dir / "plot.png").stat().st_size > 1000
+
+
+def test_resume_gives_the_same_losses_and_weights(tiny_base_dir):
+    assert run(tiny_base_dir, "straight", "--num-iterations=12", "--eval-every=-1", "--sample-every=-1") == 0
+    assert run(tiny_base_dir, "resumed", "--num-iterations=12", "--eval-every=-1", "--sample-every=-1",
+               "--save-every=5") == 0
+    # throw away everything after step 5 and resume from it
+    ckpt_dir = tiny_base_dir / "base_checkpoints" / "resumed"
+    assert 5 in checkpoint.list_steps(ckpt_dir)
+    assert run(tiny_base_dir, "resumed", "--num-iterations=12", "--eval-every=-1", "--sample-every=-1",
+               "--save-every=5", "--resume-from-step=5") == 0
+    straight = [r["train/loss_raw"] for r in metrics(tiny_base_dir, "straight") if "train/loss_raw" in r]
+    resumed = [r for r in metrics(tiny_base_dir, "resumed") if "train/loss_raw" in r]
+    by_step = {r["step"]: r["train/loss_raw"] for r in resumed}  # the resumed run rewrote steps 5..11
+    assert [by_step[s] for s in range(12)] == straight
+    a = checkpoint.load_checkpoint(tiny_base_dir / "base_checkpoints" / "straight", "latest").model_state
+    b = checkpoint.load_checkpoint(ckpt_dir, "latest").model_state
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_refuses_a_changed_model(tiny_base_dir, capsys):
+    assert run(tiny_base_dir, "shape", "--num-iterations=2", "--eval-every=-1", "--sample-every=-1") == 0
+    code = train.main([*TINY, f"--base-dir={tiny_base_dir}", "--model-tag=shape", "--num-iterations=4",
+                       "--resume-from-step=latest", "--eval-every=-1", "--sample-every=-1", "--aspect-ratio=64"])
+    assert code == 2
+    assert "error:" in capsys.readouterr().err
+
+
+def test_missing_checkpoint_is_one_clear_line(tiny_base_dir, capsys):
+    assert run(tiny_base_dir, "nothing-here", "--num-iterations=2", "--resume-from-step=7") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error:")
+
+
+def test_missing_data_is_one_clear_line(tmp_path, capsys):
+    assert train.main([*TINY, f"--base-dir={tmp_path}", "--num-iterations=2"]) == 2
+    err = capsys.readouterr().err
+    assert "nanotrain-data" in err and "Traceback" not in err
+
+
+def test_fp8_on_cpu_is_refused_before_any_work(tiny_base_dir, capsys):
+    assert run(tiny_base_dir, "fp8", "--num-iterations=2", "--fp8") == 2
+    assert "--fp8" in capsys.readouterr().err
+    assert not (tiny_base_dir / "base_checkpoints" / "fp8" / "latest").exists()
+
+
+def test_diverged_loss_stops_and_keeps_the_last_good_checkpoint(tiny_base_dir, monkeypatch, capsys):
+    real = train.train_micro_steps
+    calls = {"n": 0}
+
+    def poisoned(*args, **kwargs):
+        loss, x, y = real(*args, **kwargs)
+        calls["n"] += 1
+        return (loss * float("nan") if calls["n"] == 5 else loss), x, y
+
+    monkeypatch.setattr(train, "train_micro_steps", poisoned)
+    code = run(tiny_base_dir, "nan", "--num-iterations=10", "--save-every=2", "--eval-every=-1", "--sample-every=-1")
+    assert code == 3
+    err = capsys.readouterr().err
+    assert "step 4" in err and "step 4)" in err and "nan" in err  # diverged at step 4, last good checkpoint 4
+    assert checkpoint.latest_step(tiny_base_dir / "base_checkpoints" / "nan") == 4
+
+
+def test_sigterm_saves_a_resumable_checkpoint(tiny_base_dir):
+    cmd = [sys.executable, "-m", "nanotrain", *TINY, f"--base-dir={tiny_base_dir}", "--model-tag=sigterm",
+           "--num-iterations=30", "--eval-every=-1", "--sample-every=-1"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    deadline = time.time() + 120
+    for line in proc.stdout:
+        if line.startswith("step 00003"):
+            break
+        assert time.time() < deadline
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    assert "--resume-from-step=latest" in out
+    step = checkpoint.latest_step(tiny_base_dir / "base_checkpoints" / "sigterm")
+    assert step is not None and step >= 4
+    assert step < 30, "the run ended before the signal arrived"
+    cfg = parse_args([*TINY, f"--base-dir={tiny_base_dir}", "--model-tag=sigterm", "--num-iterations=30",
+                      "--resume-from-step=latest", "--eval-every=-1", "--sample-every=-1"])
+    assert train.train(cfg).step == 30
+
+
+def test_kernel_table_lists_every_op(capsys):
+    assert train.main(["--kernels"]) == 0
+    out = capsys.readouterr().out
+    for op in ("attention", "muon", "packing"):
+        assert f"✓ {op}:" in out
+    assert "extension nanotrain._C:" in out
