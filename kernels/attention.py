@@ -98,14 +98,15 @@ def _attention_fwd_kernel(
     stride_vb, stride_vt, stride_vh,
     stride_ob, stride_ot, stride_oh,
     stride_lb, stride_lh,
-    T, H, GROUPS, window, qk_scale,
+    T, H, GROUPS, window, qk_scale, TUNE_T, TUNE_W,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """o = softmax(scale * q k^T, sliding-window causal mask) v and lse, for one (BLOCK_M rows, b, h) tile.
 
     Grid: (cdiv(T, BLOCK_M), B * H). qk_scale = scale * log2(e). LSE is (B, H, T) fp32, natural log.
+    TUNE_T/TUNE_W are unused by the math: power-of-2 buckets of T and window that key the autotuner.
     """
-    pid_m = tl.program_id(0)
+    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)  # the last query blocks (most keys when causal) first
     pid_bh = tl.program_id(1)
     b = (pid_bh // H).to(tl.int64)
     h = pid_bh % H
@@ -211,7 +212,7 @@ def _attention_bwd_dkdv_kernel(
     stride_lb, stride_lh,
     stride_dkb, stride_dkt, stride_dkh,
     stride_dvb, stride_dvt, stride_dvh,
-    T, H_KV, GROUPS, window, qk_scale, sm_scale,
+    T, H_KV, GROUPS, window, qk_scale, sm_scale, TUNE_T, TUNE_W,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """dk, dv for one block of BLOCK_N keys of one kv head, summed over its GROUPS query heads in order.
@@ -292,11 +293,11 @@ def _attention_bwd_dq_kernel(
     stride_dob, stride_dot, stride_doh,
     stride_lb, stride_lh,
     stride_dqb, stride_dqt, stride_dqh,
-    T, H, GROUPS, window, qk_scale, sm_scale,
+    T, H, GROUPS, window, qk_scale, sm_scale, TUNE_T, TUNE_W,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """dq for one block of BLOCK_M queries of one head. Grid: (cdiv(T, BLOCK_M), B * H)."""
-    pid_m = tl.program_id(0)
+    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)  # heaviest blocks first
     pid_bh = tl.program_id(1)
     b = (pid_bh // H).to(tl.int64)
     h = pid_bh % H
@@ -339,7 +340,7 @@ def _attention_decode_kernel(
     stride_kb, stride_kt, stride_kh,
     stride_vb, stride_vt, stride_vh,
     stride_ob, stride_ot, stride_oh,
-    TQ, H, GROUPS, window, qk_scale,
+    TQ, H, GROUPS, window, qk_scale, TUNE_T,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """The TQ newest queries of row b (at positions n - TQ .. n - 1, n = SEQLENS[b]) against cache[b, :n].
@@ -397,16 +398,16 @@ _INTERPRETER_META = {
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages)
 _GPU_CONFIGS = {
-    "sm90": {
-        "fwd": [(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3)],
-        "dkdv": [(32, 128, 4, 3), (64, 128, 8, 3), (64, 64, 4, 3), (32, 64, 4, 2)],
-        "dq": [(128, 32, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 2)],
+    "sm90": {  # D=128 at 8 warps: no register spills in the first config of each (ptxas, sm_90a)
+        "fwd": [(128, 64, 8, 3), (128, 64, 8, 4), (128, 128, 8, 3), (64, 64, 4, 3)],
+        "dkdv": [(64, 64, 8, 3), (32, 128, 8, 3), (16, 128, 8, 3), (32, 64, 4, 3)],
+        "dq": [(128, 64, 8, 3), (128, 64, 8, 2), (128, 32, 8, 3), (64, 64, 4, 3)],
         "decode": [(0, 64, 4, 3), (0, 128, 8, 3), (0, 32, 4, 2)],
     },
-    "sm80": {
-        "fwd": [(128, 64, 4, 3), (128, 32, 4, 3), (64, 64, 4, 3), (128, 64, 8, 2)],
-        "dkdv": [(32, 128, 4, 2), (64, 64, 4, 2), (32, 64, 4, 3), (64, 128, 8, 2)],
-        "dq": [(128, 32, 4, 2), (64, 64, 4, 2), (64, 32, 4, 3), (128, 64, 8, 2)],
+    "sm80": {  # mma.sync keeps operands in registers: smaller tiles than Hopper
+        "fwd": [(64, 64, 4, 3), (128, 32, 8, 3), (128, 64, 8, 3), (64, 32, 4, 3)],
+        "dkdv": [(64, 64, 8, 2), (64, 64, 8, 3), (32, 64, 4, 2), (16, 64, 4, 2)],
+        "dq": [(128, 32, 8, 3), (64, 32, 4, 3), (64, 64, 4, 2), (32, 64, 4, 2)],
         "decode": [(0, 64, 4, 2), (0, 32, 4, 2), (0, 128, 8, 2)],
     },
     # sm86/sm89 and consumer Blackwell: ~100 KB of shared memory per SM
@@ -424,8 +425,14 @@ _KERNELS = {
     "dq": _attention_bwd_dq_kernel,
     "decode": _attention_decode_kernel,
 }
-_TUNE_KEYS = {"fwd": ["T", "window", "HEAD_DIM"], "dkdv": ["T", "window", "HEAD_DIM", "GROUPS"],
-              "dq": ["T", "window", "HEAD_DIM"], "decode": ["TQ", "HEAD_DIM", "BLOCK_M"]}
+# Buckets, not exact T: evaluation calls attention at many lengths and must not re-tune for each one.
+_TUNE_KEYS = {"fwd": ["TUNE_T", "TUNE_W", "HEAD_DIM"], "dkdv": ["TUNE_T", "TUNE_W", "HEAD_DIM", "GROUPS"],
+              "dq": ["TUNE_T", "TUNE_W", "HEAD_DIM"], "decode": ["TUNE_T", "HEAD_DIM", "BLOCK_M"]}
+
+
+def _bucket(n: int) -> int:
+    """The power of 2 at or above n (at least 16): the autotuner's key for a length."""
+    return max(16, triton.next_power_of_2(int(n)))
 
 
 def gpu_generation(capability: tuple[int, int]) -> str:
@@ -495,7 +502,7 @@ def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int
             out.stride(0), out.stride(1), out.stride(2),
             lse.stride(0), lse.stride(1),
             T, H, H // Hkv, _effective_window(window, T), scale * LOG2E,
-            HEAD_DIM=D)
+            _bucket(T), _bucket(_effective_window(window, T)), HEAD_DIM=D)
     return out, lse
 
 
@@ -529,7 +536,7 @@ def attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.T
             lse.stride(0), lse.stride(1),
             dk.stride(0), dk.stride(1), dk.stride(2),
             dv.stride(0), dv.stride(1), dv.stride(2),
-            T, Hkv, H // Hkv, w, scale * LOG2E, scale,
+            T, Hkv, H // Hkv, w, scale * LOG2E, scale, _bucket(T), _bucket(w),
             HEAD_DIM=D)
     _launch("dq", q.device, T, B * H,
             q, k, v, do, lse, delta, dq,
@@ -539,7 +546,7 @@ def attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.T
             do.stride(0), do.stride(1), do.stride(2),
             lse.stride(0), lse.stride(1),
             dq.stride(0), dq.stride(1), dq.stride(2),
-            T, H, H // Hkv, w, scale * LOG2E, scale,
+            T, H, H // Hkv, w, scale * LOG2E, scale, _bucket(T), _bucket(w),
             HEAD_DIM=D)
     return dq, dk, dv
 
@@ -558,10 +565,48 @@ def attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
             k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
             v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
             out.stride(0), out.stride(1), out.stride(2),
-            Tq, H, H // Hkv, _effective_window(window, Tmax), scale * LOG2E,
+            Tq, H, H // Hkv, _effective_window(window, Tmax), scale * LOG2E, _bucket(Tmax),
             HEAD_DIM=D, BLOCK_M=block_m)
     return out
 
 
 def default_scale(head_dim: int) -> float:
     return 1.0 / math.sqrt(head_dim)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Ahead-of-time compilation for a GPU that is not here (CI on CPU: catches GPU-only compile errors and shows
+# shared memory / spills per config). Needs TRITON_INTERPRET unset (the interpreter replaces @triton.jit).
+# ----------------------------------------------------------------------------------------------------------
+_POINTERS = {
+    "fwd": ["Q", "K", "V", "OUT", "LSE"],
+    "dkdv": ["Q", "K", "V", "DO", "LSE", "DELTA", "DK", "DV"],
+    "dq": ["Q", "K", "V", "DO", "LSE", "DELTA", "DQ"],
+    "decode": ["Q", "KC", "VC", "SEQLENS", "OUT"],
+}
+_FLOAT_ARGS = {"qk_scale", "sm_scale"}
+_FP32_POINTERS = {"LSE", "DELTA"}
+
+
+def compile_for(kind: str, capability: tuple[int, int], head_dim: int, config: tuple[int, int, int, int],
+                dtype: str = "bf16") -> dict:
+    """Compile kernel `kind` for a GPU of `capability` without one; returns shared bytes and the cubin."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    kernel = _KERNELS[kind]
+    bm, bn, warps, stages = config
+    constexprs = {"HEAD_DIM": head_dim, "BLOCK_N": bn, "BLOCK_M": bm if kind != "decode" else 16}
+    signature = {}
+    for name in kernel.arg_names:
+        if name in constexprs:
+            signature[name] = "constexpr"
+        elif name in _POINTERS[kind]:
+            signature[name] = "*fp32" if name in _FP32_POINTERS else ("*i32" if name == "SEQLENS" else f"*{dtype}")
+        else:
+            signature[name] = "fp32" if name in _FLOAT_ARGS else "i32"
+    major, minor = capability
+    compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs),
+                              target=GPUTarget("cuda", 10 * major + minor, 32),
+                              options={"num_warps": warps, "num_stages": stages})
+    return {"shared": compiled.metadata.shared, "cubin": compiled.asm["cubin"], "ptx": compiled.asm["ptx"]}

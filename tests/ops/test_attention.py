@@ -37,6 +37,7 @@ CASES = [
     pytest.param(1, 96, 2, 2, 16, 47, id="window-with-unmasked-interior-blocks"),
     pytest.param(1, 60, 2, 2, 64, 18, id="D64-window-edge-on-block-boundary"),
     pytest.param(1, 40, 1, 1, 128, None, id="D128"),
+    pytest.param(1, 5, 2, 1, 16, 3, id="T-shorter-than-a-block"),
 ]
 
 
@@ -196,6 +197,36 @@ def test_availability_reasons():
     assert names.index("triton") < names.index("sdpa") < names.index("reference")
     names = [b.name for b in registry.backends("attention_decode")]
     assert names.index("triton") < names.index("reference")
+
+
+_AOT_SCRIPT = """
+import json
+from nanotrain.kernels import attention as K
+out = []
+for cap, kind in [((9, 0), "fwd"), ((9, 0), "dkdv"), ((9, 0), "dq"), ((9, 0), "decode"), ((8, 0), "dkdv")]:
+    r = K.compile_for(kind, cap, 128, K._GPU_CONFIGS[K.gpu_generation(cap)][kind][0])
+    out.append([list(cap), kind, r["shared"], "wgmma" in r["ptx"]])
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(CUDA, reason="the GPU tests compile and run the kernels for real")
+def test_kernels_compile_for_hopper_and_ampere_without_a_gpu():
+    """Triton compiles the kernels ahead of time for sm_90a/sm_80 (ptxas ships with Triton): GPU-only
+    compile errors show up in CI. Hopper must get wgmma tensor-core code, and shared memory must fit."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", _AOT_SCRIPT], capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for cap, kind, shared, wgmma in json.loads(proc.stdout.strip().splitlines()[-1]):
+        assert 0 < shared <= (232448 if cap[0] == 9 else 166912), (cap, kind, shared)
+        if cap[0] == 9 and kind != "decode":
+            assert wgmma, f"{kind} on sm90 does not use wgmma"
 
 
 # ----------------------------------------------------------------------------------------------------------
