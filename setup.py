@@ -118,6 +118,13 @@ def extension_modules() -> tuple[list, dict]:
             "torch has no CUDA" if torch.version.cuda is None else "no nvcc found (set CUDA_HOME)")
         say(f"building nanotrain._C CPU-only ({why}) from {len(sources)} sources.")
         Extension = cpp_extension.CppExtension
+    # Find torch's libraries (and the CUDA runtime torch itself loads) without `import torch` first, so that
+    # `import nanotrain._C` works on its own and never pairs torch with a second copy of libcudart.
+    torch_dir = os.path.dirname(os.path.abspath(torch.__file__))
+    rpaths = [os.path.join(torch_dir, "lib")]
+    if with_cuda:
+        rpaths += sorted(os.path.normpath(d) for d in glob.glob(os.path.join(torch_dir, "..", "nvidia", "*", "lib"))
+                         if glob.glob(os.path.join(d, "libcudart.so*")))
     os.environ.setdefault("MAX_JOBS", "2")
     ext = Extension(
         name="nanotrain._C",
@@ -125,6 +132,7 @@ def extension_modules() -> tuple[list, dict]:
         include_dirs=include_dirs,
         define_macros=macros,
         extra_compile_args={"cxx": cxx, "nvcc": nvcc} if with_cuda else {"cxx": cxx},
+        extra_link_args=[f"-Wl,-rpath,{d}" for d in rpaths],
     )
     return [ext], {"build_ext": tolerant_build_ext(cpp_extension.BuildExtension)}
 

@@ -38,6 +38,16 @@ def test_extension_imports_and_reports_its_build():
         assert info["cuda_arches"] == "" and not _ext.has_kernel("relu_squared", "CUDA")
 
 
+@built
+def test_extension_imports_before_torch():
+    """`import nanotrain._C` on its own finds torch's libraries (RUNPATH), and its ops work once torch is in."""
+    out = _run("import nanotrain._C as C, torch\n"
+               "rows, _, _ = torch.ops.nanotrain.best_fit_pack(torch.arange(1, 5, dtype=torch.int32), "
+               "torch.tensor([0, 1, 4]), 1, 4)\nprint(C.TORCH_VERSION, rows.tolist())")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == [torch.__version__, "[[2,", "3,", "4,", "1]]"]
+
+
 def _cubin_sms(path: str) -> set[int]:
     """SM numbers of the CUDA ELF images (cubins) embedded in a shared library."""
     data = open(path, "rb").read()
