@@ -40,7 +40,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-per-task", type=int, default=-1, help="CORE rows per task (-1 = all, the real metric)")
     p.add_argument("--eval-tokens", type=int, default=DEFAULT_EVAL_TOKENS, help="validation tokens for bpb")
     p.add_argument("--device-batch-size", type=int, default=32,
-                   help="sequences per forward for bpb; CORE forwards hold at most this many x sequence_len tokens")
+                   help="sequences per forward for bpb; on a GPU, CORE forwards hold at most this many x sequence_len "
+                        "tokens")
     p.add_argument("--bundle-dir", default=None, help="an unpacked CORE eval bundle (default: <base>/eval_bundle, "
                    "downloaded on first use)")
     p.add_argument("--max-tokens", type=int, default=16, help="tokens generated per sample prompt")
@@ -129,9 +130,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         if "core" in evals:
             from nanotrain.eval.core import evaluate_core
 
+            on_gpu = rt.device.type == "cuda"
             core = evaluate_core(model, tokenizer, rt.device, bundle_dir=bundle, max_per_task=args.max_per_task,
                                  batch_size=max(64, args.device_batch_size),
-                                 max_batch_tokens=args.device_batch_size * seq_len, autocast_ctx=ctx)
+                                 max_batch_tokens=args.device_batch_size * seq_len if on_gpu else None,
+                                 autocast_ctx=ctx)
             report["core"] = core
             report["core_metric"] = core["core_metric"]
         if "sample" in evals:

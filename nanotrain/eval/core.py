@@ -42,6 +42,7 @@ from typing import Any, ContextManager
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch import Tensor
 
 from nanotrain import paths
 from nanotrain.errors import UserError
@@ -285,15 +286,27 @@ def _make_batches(examples: list[_Example], batch_size: int, max_batch_tokens: i
     return batches
 
 
-@torch.no_grad()
-def _score_batch(model: torch.nn.Module, batch: list[_Example], pad_id: int, device: torch.device,
-                 make_ctx: Callable[[], ContextManager]) -> list[bool]:
-    """One forward over every row of the batch's examples; returns whether each example is correct."""
+def _span_scores(logits: Tensor, targets: Tensor, row_idx: Tensor, counts: list[int]) -> tuple[list[float], list[bool]]:
+    """Per row: mean next-token loss over its scored positions, and whether greedy decoding hits all of them.
+
+    logits: (N, V) at the scored positions, targets: (N,) the tokens they predict, row_idx: (N,) their row.
+    """
+    logits = logits.float()
+    nll = F.cross_entropy(logits, targets, reduction="none")  # (N,)
+    hit = (logits.argmax(dim=-1) == targets).float()          # (N,)
+    n = torch.tensor(counts, dtype=torch.float32, device=logits.device)
+    mean_loss = torch.zeros(len(counts), device=logits.device).index_add_(0, row_idx, nll) / n
+    all_hit = torch.zeros(len(counts), device=logits.device).index_add_(0, row_idx, hit) == n
+    return mean_loss.tolist(), all_hit.tolist()
+
+
+def _forward_rows(model: torch.nn.Module, batch: list[_Example], pad_id: int, device: torch.device,
+                  make_ctx: Callable[[], ContextManager]) -> tuple[list[float], list[bool]]:
+    """One forward over every row of the batch's examples (right-padded: causal, so harmless)."""
     rows = [r for ex in batch for r in ex.rows]
     starts = [s for ex in batch for s in ex.starts]
     ends = [e for ex in batch for e in ex.ends]
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)  # right padding: causal, so harmless
+    ids = torch.full((len(rows), max(len(r) for r in rows)), pad_id, dtype=torch.long)
     for i, r in enumerate(rows):
         ids[i, :len(r)] = torch.tensor(r, dtype=torch.long)
     ids = ids.to(device)
@@ -303,25 +316,96 @@ def _score_batch(model: torch.nn.Module, batch: list[_Example], pad_id: int, dev
     row_idx = torch.cat([torch.full((e - s,), i, dtype=torch.long) for i, (s, e) in enumerate(zip(starts, ends))])
     pos_idx = torch.cat([torch.arange(s - 1, e - 1, dtype=torch.long) for s, e in zip(starts, ends)])
     row_idx, pos_idx = row_idx.to(device), pos_idx.to(device)
-    picked = logits[row_idx, pos_idx].float()              # (N, V)
-    targets = ids[row_idx, pos_idx + 1]                     # (N,)
-    nll = F.cross_entropy(picked, targets, reduction="none")  # (N,)
-    hit = picked.argmax(dim=-1) == targets                  # (N,)
-    nrows = len(rows)
-    counts = torch.tensor([e - s for s, e in zip(starts, ends)], dtype=torch.float32, device=device)
-    mean_loss = torch.zeros(nrows, device=device).index_add_(0, row_idx, nll) / counts        # (R,)
-    all_hit = torch.zeros(nrows, device=device).index_add_(0, row_idx, hit.float()) == counts  # (R,)
-    mean_loss, all_hit = mean_loss.tolist(), all_hit.tolist()
+    return _span_scores(logits[row_idx, pos_idx], ids[row_idx, pos_idx + 1], row_idx,
+                        [e - s for s, e in zip(starts, ends)])
+
+
+def _shared_prefix_len(ex: _Example) -> int:
+    """Tokens every row of a multi-row example starts with, up to the first scored position (0: none)."""
+    if len(ex.rows) < 2:
+        return 0
+    p = min(min(ex.starts), _common_prefix(ex.rows))
+    return p if p >= 2 else 0
+
+
+def _forward_shared_prefix(model: torch.nn.Module, ex: _Example, prefix: int, pad_id: int, device: torch.device,
+                           make_ctx: Callable[[], ContextManager]) -> tuple[list[float], list[bool]]:
+    """The rows of one example through the KV cache: the shared prefix (the few-shot context and the query)
+    runs once, then every row's remainder runs against a copy of its cache. Same numbers as _forward_rows
+    (up to rounding) at about 1/len(rows) of the compute for long few-shot prompts."""
+    from nanotrain.model import KVCache
+
+    cfg = model.config
+    dtype = next(model.parameters()).dtype
+    width = max(len(r) for r in ex.rows)
+
+    def cache(batch: int) -> KVCache:
+        return KVCache(batch, cfg.n_kv_head, width, cfg.head_dim, cfg.n_layer, device, dtype)
+
+    one = cache(1)
+    head = torch.tensor([ex.rows[0][:prefix]], dtype=torch.long, device=device)  # (1, P)
+    with make_ctx():
+        last = model(head, kv_cache=one)[0, -1]  # (V,) predicts each row's token at position P
+    many = cache(len(ex.rows))
+    many.prefill(one)
+    tails = torch.full((len(ex.rows), width - prefix), pad_id, dtype=torch.long)
+    for i, r in enumerate(ex.rows):
+        tails[i, :len(r) - prefix] = torch.tensor(r[prefix:], dtype=torch.long)
+    tails = tails.to(device)
+    with make_ctx():
+        logits = model(tails, kv_cache=many)  # (R, W - P, V): position P + j predicts token P + j + 1
+    picked, targets, row_idx, counts = [], [], [], []
+    for i, (r, s, e) in enumerate(zip(ex.rows, ex.starts, ex.ends)):
+        pos = torch.arange(s - 1, e - 1, device=device)  # absolute positions, all >= P - 1
+        rows_logits = torch.where((pos == prefix - 1)[:, None], last[None, :],
+                                  logits[i, (pos - prefix).clamp(min=0)])
+        picked.append(rows_logits)
+        targets.append(torch.tensor(r[s:e], dtype=torch.long, device=device))
+        row_idx.append(torch.full((e - s,), i, dtype=torch.long, device=device))
+        counts.append(e - s)
+    return _span_scores(torch.cat(picked), torch.cat(targets), torch.cat(row_idx), counts)
+
+
+def _decide(batch: list[_Example], mean_loss: list[float], all_hit: list[bool]) -> list[bool]:
+    """Whether each example is right: greedy hits every token (language_modeling), or the gold row has the
+    lowest mean loss (ties go to the first row)."""
     out, r = [], 0
     for ex in batch:
         n = len(ex.rows)
         if ex.task_type == "language_modeling":
             out.append(bool(all_hit[r]))
-        else:  # lowest mean loss wins; ties go to the first choice
+        else:
             losses = mean_loss[r:r + n]
             out.append(losses.index(min(losses)) == ex.gold)
         r += n
     return out
+
+
+@torch.no_grad()
+def _score_examples(model: torch.nn.Module, examples: list[_Example], pad_id: int, device: torch.device,
+                    make_ctx: Callable[[], ContextManager], batch_size: int, max_batch_tokens: int,
+                    share_prefix: bool) -> list[bool]:
+    """Correctness of each example (in order): multi-row examples with a shared prefix go through the KV
+    cache one by one when share_prefix, the rest in padded batches."""
+    verdict: dict[int, bool] = {}
+    batched = []
+    for i, ex in enumerate(examples):
+        prefix = _shared_prefix_len(ex) if share_prefix else 0
+        if prefix:
+            verdict[i] = _decide([ex], *_forward_shared_prefix(model, ex, prefix, pad_id, device, make_ctx))[0]
+        else:
+            batched.append(i)
+    index_of = {id(examples[i]): i for i in batched}
+    for batch in _make_batches([examples[i] for i in batched], batch_size, max_batch_tokens):
+        for ex, ok in zip(batch, _decide(batch, *_forward_rows(model, batch, pad_id, device, make_ctx))):
+            verdict[index_of[id(ex)]] = ok
+    return [verdict[i] for i in range(len(examples))]
+
+
+def _supports_kv_cache(model: torch.nn.Module) -> bool:
+    from nanotrain.model import GPT
+
+    return isinstance(model, GPT)
 
 
 def _rank_world() -> tuple[int, int]:
@@ -355,16 +439,22 @@ def _prepare_task(task: CoreTask, ti: int, tokenizer: Any, max_per_task: int | N
 
 def evaluate_core(model: torch.nn.Module, tokenizer: Any, device: torch.device | str,
                   bundle_dir: str | os.PathLike | None = None, max_per_task: int = -1,
-                  tasks: Sequence[str] | None = None, batch_size: int = 32, max_batch_tokens: int = 32768,
+                  tasks: Sequence[str] | None = None, batch_size: int = 64, max_batch_tokens: int | None = None,
                   max_seq_len: int | None = None, autocast_ctx: Callable[[], ContextManager] | None = None,
-                  base_dir: str | os.PathLike | None = None, verbose: bool = False) -> dict[str, Any]:
+                  base_dir: str | os.PathLike | None = None, share_prefix: bool | None = None,
+                  verbose: bool = False) -> dict[str, Any]:
     """Evaluate the CORE metric of `model` (its forward(idx (B, T)) must return logits (B, T, V)).
 
     bundle_dir: an unpacked bundle (default: ensure_eval_bundle(base_dir), downloading on first use).
     max_per_task: rows per task (-1 = all). tasks: labels to run (default all, in core.yaml order).
-    batch_size / max_batch_tokens: rows and padded tokens per forward (several examples share one).
+    batch_size / max_batch_tokens: rows and padded tokens per forward (several examples share one; an example
+    always gets a forward of its own when it alone is bigger). Default tokens: 2**27 / vocab, so one copy of
+    the float32 logits stays near 512 MB (4096 tokens at vocab 32768); raise it on a big GPU.
     max_seq_len: rows longer than this keep their last max_seq_len tokens (default: the model's
     config.sequence_len). autocast_ctx: factory of the context each forward runs under (see bpb.py).
+    share_prefix: run the context shared by an example's rows once through the model's KV cache and only
+    the rows' remainders per row (default: on CPU, where compute dominates; a GPU prefers big padded
+    batches). Needs nanotrain's GPT (its KVCache); other models always take the batched path.
     Under torch.distributed, rank r scores rows i with i % world_size == r and counts are all-reduced.
 
     Returns {"results": {label: accuracy}, "centered_results": {label: centered accuracy},
@@ -375,7 +465,13 @@ def evaluate_core(model: torch.nn.Module, tokenizer: Any, device: torch.device |
     bundle = Path(bundle_dir) if bundle_dir is not None else ensure_eval_bundle(base_dir)
     task_list = load_tasks(bundle, tasks)
     max_len = max_seq_len if max_seq_len is not None else _model_max_len(model)
+    if max_batch_tokens is None:
+        vocab = getattr(getattr(model, "config", None), "vocab_size", None) or tokenizer.vocab_size
+        max_batch_tokens = max(1024, 2**27 // vocab)
     make_ctx = autocast_ctx or contextlib.nullcontext
+    if share_prefix is None:
+        share_prefix = device.type == "cpu"
+    share_prefix = share_prefix and _supports_kv_cache(model)
     rank, world = _rank_world()
     bos = tokenizer.bos_token_id
 
@@ -383,8 +479,8 @@ def evaluate_core(model: torch.nn.Module, tokenizer: Any, device: torch.device |
     totals = []
     for ti, task in enumerate(task_list):  # one task at a time keeps the tokenized rows small
         examples = _prepare_task(task, ti, tokenizer, max_per_task, max_len, rank, world, totals)
-        for batch in _make_batches(examples, batch_size, max_batch_tokens):
-            correct[ti] += sum(_score_batch(model, batch, bos, device, make_ctx))
+        correct[ti] += sum(_score_examples(model, examples, bos, device, make_ctx, batch_size, max_batch_tokens,
+                                           share_prefix))
     if world > 1:
         reduced = correct.to(device)
         dist.all_reduce(reduced, op=dist.ReduceOp.SUM)

@@ -162,3 +162,39 @@ def test_real_bundle_all_tasks_runs():
     base = {t.label: t.random_baseline for t in tasks}
     assert base["boolq"] == 62 and base["arc_easy"] == 25
     assert res["centered_results"]["boolq"] == pytest.approx((res["results"]["boolq"] - 0.62) / 0.38)
+
+
+@pytest.mark.skipif(not REAL_BUNDLE.is_dir(), reason=f"the real CORE bundle is not at {REAL_BUNDLE}")
+def test_shared_prefix_path_equals_full_rows():
+    """The KV-cache path (shared context once, then each row's remainder) gives the per-row losses and greedy
+    hits of full padded forwards, on real 10-shot prompts longer than the model's short window."""
+    from nanotrain.data.tokenizer import train_tokenizer
+    from nanotrain.model import GPT, GPTConfig
+
+    tasks = {t.label: t for t in load_tasks(REAL_BUNDLE)}
+    text = [json.dumps(row) for t in tasks.values() for row in load_rows(t)[:20]]
+    tok = train_tokenizer(text, vocab_size=400)
+    torch.manual_seed(3)
+    model = GPT(GPTConfig(sequence_len=512, vocab_size=tok.vocab_size, n_layer=3, n_head=2, n_kv_head=1, n_embd=32,
+                          window_pattern="SSL"))
+    model.init_weights()
+    with torch.no_grad():  # every block and the head matter (init_weights zeroes projections)
+        for name, p in model.named_parameters():
+            if p.dim() == 2 and "wte" not in name and "value_embeds" not in name:
+                p.normal_(0.0, 1.5 / p.shape[1] ** 0.5)
+    model.eval()
+    ctx = torch.no_grad
+    checked = 0
+    for label in ["arc_easy", "piqa", "winograd", "copa", "agi_eval_lsat_ar"]:
+        task = tasks[label]
+        examples = core._prepare_task(task, 0, tok, 3, None, 0, 1, [])  # uncropped
+        for ex in examples:
+            prefix = core._shared_prefix_len(ex)
+            assert prefix >= 2, label
+            full = core._forward_rows(model, [ex], tok.bos_token_id, torch.device("cpu"), ctx)
+            shared = core._forward_shared_prefix(model, ex, prefix, tok.bos_token_id, torch.device("cpu"), ctx)
+            assert shared[0] == pytest.approx(full[0], rel=1e-4, abs=1e-5), label
+            assert shared[1] == full[1]
+            checked += 1
+    assert checked == 15
+    assert max(len(r) for ex in examples for r in ex.rows) > 257  # beyond the S layers' window
