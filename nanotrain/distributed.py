@@ -107,3 +107,44 @@ def broadcast_object(obj, src: int = 0):
     box = [obj]
     dist.broadcast_object_list(box, src=src)
     return box[0]
+
+
+def get_rank() -> int:
+    """This process's rank (0 without a process group)."""
+    return dist.get_rank() if is_initialized() else 0
+
+
+def get_world_size() -> int:
+    """The number of ranks (1 without a process group)."""
+    return dist.get_world_size() if is_initialized() else 1
+
+
+# Collectives on flat buffers for the sharded optimizer. torch >= 2.13 renames reduce_scatter_tensor /
+# all_gather_into_tensor to *_single (same signatures); use whichever this torch has.
+_reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+_all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+
+def reduce_scatter_mean(out: torch.Tensor, inp: torch.Tensor, async_op: bool = False):
+    """out (n, ...) on rank r <- the mean over ranks of inp[r*n:(r+1)*n] (inp: (world*n, ...), contiguous).
+
+    Returns the Work handle when async_op (call .wait() before reading out), else None.
+    """
+    return _reduce_scatter(out, inp, op=dist.ReduceOp.AVG, async_op=async_op)
+
+
+def all_gather_flat(out: torch.Tensor, inp: torch.Tensor, async_op: bool = False):
+    """out (world*n, ...) <- every rank's inp (n, ...) in rank order; inp may be rank r's slice of out (in place)."""
+    return _all_gather(out, inp, async_op=async_op)
+
+
+def all_reduce_mean(t: torch.Tensor, async_op: bool = False):
+    """t <- the mean of t over ranks, in place (Work handle when async_op)."""
+    return dist.all_reduce(t, op=dist.ReduceOp.AVG, async_op=async_op)
+
+
+def broadcast_(t: torch.Tensor, src: int = 0) -> torch.Tensor:
+    """Rank src's values of t on every rank, in place (a no-op without a process group)."""
+    if is_initialized():
+        dist.broadcast(t, src=src)
+    return t

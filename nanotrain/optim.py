@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from nanotrain import distributed
 from nanotrain.ops.newton_schulz import muon_update
 
 ADAMW_KEYS = ("lr", "betas", "eps", "weight_decay")
@@ -142,12 +143,320 @@ class MuonAdamW(torch.optim.Optimizer):
         return loss
 
 
+    # ------------------------------------------------------------------ state
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a state_dict() of this optimizer, or a merged one (see merge_optimizer_shards).
+
+        A single shard of a DistMuonAdamW run with several ranks is refused (ValueError): its tensors are
+        slices, which this optimizer would misread as whole states.
+        """
+        zero = state_dict.get(ZERO_KEY)
+        if zero is not None and zero["world_size"] > 1:
+            raise ValueError(f"this is one rank's shard of a {zero['world_size']}-rank optimizer state; merge "
+                             "all ranks' shards with merge_optimizer_shards first")
+        self._load_keeping_dtypes({k: v for k, v in state_dict.items() if k != ZERO_KEY})
+
+    def _load_keeping_dtypes(self, state_dict: dict[str, Any]) -> None:
+        """torch's load_state_dict, then the saved dtypes back: torch casts every state tensor to its
+        parameter's dtype, which would turn the float32 AdamW moments of a bfloat16 parameter into bfloat16."""
+        super().load_state_dict(state_dict)
+        params = [p for group in self.param_groups for p in group["params"]]
+        for index, saved in state_dict["state"].items():
+            st = self.state[params[index]]
+            for key, value in saved.items():
+                if isinstance(value, Tensor) and isinstance(st.get(key), Tensor) and st[key].dtype != value.dtype:
+                    st[key] = st[key].to(value.dtype)
+
+
+# ---------------------------------------------------------------------- ZeRO-2 data parallelism
+ZERO_KEY = "zero"  # the key of a sharded state_dict's layout: {"world_size", "rank", "params": {index: layout}}
+
+
+def _split(numel: int, world_size: int, rank: int) -> tuple[int, int, int]:
+    """(chunk, lo, hi): rank owns flat elements [lo, hi) of a tensor cut into world_size chunks of `chunk`
+    (the last chunks are padded past numel; a rank may own nothing when numel < world_size * chunk)."""
+    chunk = -(-numel // world_size)
+    lo = min(rank * chunk, numel)
+    return chunk, lo, min(lo + chunk, numel)
+
+
+class DistMuonAdamW(MuonAdamW):
+    """MuonAdamW for data parallelism without DDP: gradients are averaged inside step(), optimizer state is
+    sharded across ranks (ZeRO-2), and each rank updates only what it owns before the parameters are gathered.
+
+    Ownership rules (a pure function of the parameter shapes, the world size and min_shard_numel):
+      AdamW parameter with numel >= world_size * min_shard_numel: flattened and cut into world_size equal
+        chunks (padded at the end when numel does not divide); the gradient is reduce-scattered (mean) so rank
+        r receives chunk r, updates those elements with state for them alone, and the chunks are all-gathered.
+      Smaller AdamW parameters (scalars, per-layer lambdas, the smear gate): the gradient is all-reduced (mean)
+        and every rank updates the whole tensor with its own copy of the (tiny) state; one collective per
+        parameter is cheaper than a reduce-scatter and an all-gather of a few elements.
+      Muon group of K same-shape matrices: whole matrices, round robin (rank r owns matrices r, r + W, ... of
+        the first group; later groups continue the rotation where the previous one stopped, so remainders
+        spread over the ranks). Any W works: when W does not divide K the stack is padded with zero matrices
+        so every rank sends and receives ceil(K/W) of them.
+        The stacked gradients are reduce-scattered (mean) so each owner receives the mean gradient of its
+        matrices, runs the Muon step on them (state (n_owned, m, n)), and the stacks are all-gathered.
+    So per-rank optimizer memory falls as ~1/W. Communication overlaps computation: step() launches every
+    group's gradient reduction asynchronously first, then in group order waits for one, updates it and
+    launches its all-gather, so later reductions and earlier gathers run while a group computes.
+
+    Every rank must hold the same parameters at construction (they are broadcast from rank 0 then, as DDP
+    does) and call step() together. Gradients are the per-rank means of their micro-steps, as the trainer
+    makes them; the mean over ranks then equals one rank accumulating W times as many micro-steps.
+    Parameters whose gradient is None are skipped (AdamW) or count as zero (Muon), as in MuonAdamW; that
+    must agree across ranks (it does when every rank runs the same model).
+    """
+
+    def __init__(self, param_groups: Iterable[dict[str, Any]], *, rank: int | None = None,
+                 world_size: int | None = None, min_shard_numel: int = 1024, broadcast: bool = True) -> None:
+        super().__init__(param_groups)
+        self.rank = distributed.get_rank() if rank is None else rank
+        self.world_size = distributed.get_world_size() if world_size is None else world_size
+        if not 0 <= self.rank < self.world_size:
+            raise ValueError(f"rank {self.rank} is outside world_size {self.world_size}")
+        self.min_shard_numel = min_shard_numel
+        if broadcast and distributed.is_initialized():
+            with torch.no_grad():
+                for group in self.param_groups:
+                    for p in group["params"]:
+                        distributed.broadcast_(p.data, src=0)
+
+    # ------------------------------------------------------------------ ownership
+    def _sharded(self, p: Tensor) -> bool:
+        return p.numel() >= self.world_size * self.min_shard_numel and p.is_contiguous()
+
+    def _muon_owners(self, group: dict[str, Any]) -> list[list[int]]:
+        """owners[r]: indices (within the Muon group) of the matrices rank r owns.
+
+        Round robin over the ranks, continued from one Muon group to the next (the first group's matrix i
+        goes to rank i mod W; each later group starts where the previous one stopped), so groups whose size
+        W does not divide do not all load the low ranks: every rank owns ceil(K/W) or floor(K/W) of a group.
+        """
+        offset = 0
+        for g in self.param_groups:
+            if g is group:
+                break
+            if g["kind"] == "muon":
+                offset += len(g["params"])
+        W = self.world_size
+        return [[i for i in range(len(group["params"])) if (i + offset) % W == r] for r in range(W)]
+
+    def layout(self) -> dict[int, dict[str, Any]]:
+        """{state_dict param index: how this rank holds its state} (saved in state_dict()[ZERO_KEY])."""
+        out: dict[int, dict[str, Any]] = {}
+        index = 0
+        for group in self.param_groups:
+            params = group["params"]
+            if group["kind"] == "muon":
+                if params:
+                    out[index] = {"kind": "muon", "shape": list(params[0].shape), "count": len(params),
+                                  "owned": self._muon_owners(group)[self.rank]}
+            else:
+                for i, p in enumerate(params):
+                    if self._sharded(p):
+                        _, lo, hi = _split(p.numel(), self.world_size, self.rank)
+                        out[index + i] = {"kind": "flat", "shape": list(p.shape), "lo": lo, "hi": hi}
+                    else:
+                        out[index + i] = {"kind": "replicated", "shape": list(p.shape)}
+            index += len(params)
+        return out
+
+    # ------------------------------------------------------------------ step
+    def _launch_adamw(self, group: dict[str, Any]) -> list[tuple]:
+        """Start the gradient reductions of an AdamW group; returns one pending entry per parameter."""
+        pending = []
+        W = self.world_size
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            if not self._sharded(p):
+                grad = p.grad.contiguous()
+                pending.append(("replicated", p, grad, distributed.all_reduce_mean(grad, async_op=True)))
+                continue
+            numel = p.numel()
+            chunk, lo, hi = _split(numel, W, self.rank)
+            flat = p.grad.reshape(-1)
+            if chunk * W != numel:
+                padded = flat.new_zeros(chunk * W)
+                padded[:numel] = flat
+                flat = padded
+            out = flat.new_empty(chunk)
+            pending.append(("flat", p, out, distributed.reduce_scatter_mean(out, flat.contiguous(), async_op=True)))
+        return pending
+
+    def _launch_muon(self, group: dict[str, Any]) -> list[tuple]:
+        params = group["params"]
+        grads = [p.grad for p in params]
+        if not params or all(g is None for g in grads):
+            return []
+        W, K = self.world_size, len(params)
+        per_rank = -(-K // W)
+        zero = torch.zeros_like(params[0])
+        # rank r's chunk (slots r * per_rank ...) holds the matrices it owns, padded with zeros to per_rank
+        owners = self._muon_owners(group)
+        slots = [grads[i].to(params[0].dtype) if i is not None and grads[i] is not None else zero
+                 for r in range(W) for i in owners[r] + [None] * (per_rank - len(owners[r]))]
+        stacked = torch.stack(slots)                                                    # (W * per_rank, m, n)
+        out = stacked.new_empty((per_rank, *stacked.shape[1:]))                         # (per_rank, m, n)
+        return [("muon", params, out, distributed.reduce_scatter_mean(out, stacked, async_op=True))]
+
+    def _update_and_gather(self, entry: tuple, group: dict[str, Any]) -> tuple | None:
+        """Wait for one reduction, update what this rank owns, start the all-gather; returns the finishing work."""
+        kind, target, buf, work = entry
+        work.wait()
+        if kind == "replicated":
+            self._adamw_update(target, buf.view_as(target), self.state[target], group)
+            return None
+        if kind == "flat":
+            p, numel = target, target.numel()
+            chunk, lo, hi = _split(numel, self.world_size, self.rank)
+            flat = p.data.view(-1)
+            if hi > lo:
+                self._adamw_update(flat[lo:hi], buf[:hi - lo], self.state[p], group)
+            if chunk * self.world_size == numel:  # gather in place into the parameter
+                return ("flat", p, None, distributed.all_gather_flat(flat, flat[lo:hi], async_op=True))
+            mine = buf  # the reduced gradient is spent: reuse it to send this rank's updated elements
+            mine[:hi - lo] = flat[lo:hi]
+            full = buf.new_empty(chunk * self.world_size)
+            return ("flat", p, full, distributed.all_gather_flat(full, mine, async_op=True))
+        params = target
+        owned = self._muon_owners(group)[self.rank]
+        if owned:
+            mats = torch.stack([params[i].data for i in owned])                         # (n_owned, m, n)
+            self._muon_update_stack(mats, buf[:len(owned)], self.state[params[0]], group)
+            buf[:len(owned)] = mats
+        full = buf.new_empty((buf.shape[0] * self.world_size, *buf.shape[1:]))          # (W * per_rank, m, n)
+        return ("muon", params, full, distributed.all_gather_flat(full, buf, async_op=True))
+
+    def _finish(self, entry: tuple, group: dict[str, Any]) -> None:
+        kind, target, full, work = entry
+        work.wait()
+        if kind == "flat":
+            if full is not None:
+                target.data.view(-1).copy_(full[:target.numel()])
+            return
+        params, W = target, self.world_size
+        per_rank = full.shape[0] // W
+        order = [(r * per_rank + j, i) for r, owned in enumerate(self._muon_owners(group)) for j, i in enumerate(owned)]
+        torch._foreach_copy_([params[i].data for _, i in order], [full[s] for s, _ in order])
+
+    @torch.no_grad()
+    def step(self, closure=None):  # noqa: ANN001 (torch.optim signature)
+        """Average the gradients across ranks, update the owned parts, gather the parameters."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        launched = [(group, self._launch_adamw(group) if group["kind"] == "adamw" else self._launch_muon(group))
+                    for group in self.param_groups]
+        gathers = [(self._update_and_gather(entry, group), group) for group, entries in launched for entry in entries]
+        for entry, group in gathers:
+            if entry is not None:
+                self._finish(entry, group)
+        return loss
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, Any]:
+        """This rank's shard: the usual optimizer state_dict (state of owned slices/matrices only) plus its
+        layout under ZERO_KEY, so shards of any world size can be merged (merge_optimizer_shards)."""
+        sd = super().state_dict()
+        sd[ZERO_KEY] = {"world_size": self.world_size, "rank": self.rank, "params": self.layout()}
+        return sd
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load this rank's own shard (same world size and rank), or a full state (a MuonAdamW state_dict or
+        merge_optimizer_shards' output), from which this rank cuts what it owns: that is how a run re-shards."""
+        zero = state_dict.get(ZERO_KEY)
+        if zero is not None and zero["world_size"] > 1:
+            if (zero["world_size"], zero["rank"]) != (self.world_size, self.rank):
+                raise ValueError(f"this is rank {zero['rank']}'s shard of a {zero['world_size']}-rank state and this "
+                                 f"is rank {self.rank} of {self.world_size}; merge all shards with "
+                                 "merge_optimizer_shards and load the result")
+            self._load_keeping_dtypes({k: v for k, v in state_dict.items() if k != ZERO_KEY})
+            return
+        self._load_keeping_dtypes(self._shard_full_state(state_dict))
+
+    def _shard_full_state(self, full: dict[str, Any]) -> dict[str, Any]:
+        """The part of a full (unsharded) state_dict this rank owns, in this optimizer's layout."""
+        state = {}
+        for index, info in self.layout().items():
+            st = full["state"].get(index)
+            if not st:
+                continue
+            if info["kind"] == "replicated":
+                state[index] = dict(st)
+            elif info["kind"] == "flat":
+                lo, hi = info["lo"], info["hi"]
+                if hi > lo:
+                    state[index] = {k: (v.reshape(-1)[lo:hi].clone() if isinstance(v, Tensor) and v.dim() else v)
+                                    for k, v in st.items()}
+            elif info["owned"]:
+                idx = torch.tensor(info["owned"])
+                state[index] = {k: v.index_select(0, idx.to(v.device)) for k, v in st.items()}
+        return {"state": state, "param_groups": full["param_groups"]}
+
+
+def merge_optimizer_shards(shards: list[dict[str, Any]]) -> dict[str, Any]:
+    """One full (MuonAdamW-layout) optimizer state_dict from every rank's DistMuonAdamW.state_dict().
+
+    shards: one per rank, any order. The result loads into a MuonAdamW (one process) or into a DistMuonAdamW
+    of any world size (each rank cuts its part), which is how a checkpoint is re-sharded.
+    """
+    if not shards:
+        raise ValueError("merge_optimizer_shards needs at least one shard")
+    if any(ZERO_KEY not in s for s in shards):
+        if len(shards) == 1:
+            return shards[0]
+        raise ValueError("merge_optimizer_shards: a state without a shard layout cannot be merged with others")
+    shards = sorted(shards, key=lambda s: s[ZERO_KEY]["rank"])
+    world = shards[0][ZERO_KEY]["world_size"]
+    if [s[ZERO_KEY]["rank"] for s in shards] != list(range(world)) or any(
+            s[ZERO_KEY]["world_size"] != world for s in shards):
+        raise ValueError(f"merge_optimizer_shards needs exactly one shard of each of the {world} ranks")
+    state: dict[int, dict[str, Any]] = {}
+    for index, info in shards[0][ZERO_KEY]["params"].items():
+        parts = [(s[ZERO_KEY]["params"][index], s["state"].get(index)) for s in shards]
+        present = [(i, st) for i, st in parts if st]
+        if not present:
+            continue
+        if info["kind"] == "replicated":
+            state[index] = dict(present[0][1])
+        elif info["kind"] == "flat":
+            numel = math.prod(info["shape"])
+            merged: dict[str, Any] = {}
+            for i, st in present:
+                for key, value in st.items():
+                    if isinstance(value, Tensor) and value.dim():
+                        if key not in merged:
+                            merged[key] = value.new_zeros(numel)
+                        merged[key][i["lo"]:i["hi"]] = value
+                    else:
+                        merged.setdefault(key, value)
+            state[index] = {k: (v.view(info["shape"]) if isinstance(v, Tensor) and v.dim() else v)
+                            for k, v in merged.items()}
+        else:
+            count = info["count"]
+            merged = {}
+            for i, st in present:
+                idx = torch.tensor(i["owned"])
+                for key, value in st.items():
+                    if key not in merged:
+                        merged[key] = value.new_zeros((count, *value.shape[1:]))
+                    merged[key].index_copy_(0, idx.to(value.device), value)
+            state[index] = merged
+    return {"state": state, "param_groups": shards[0]["param_groups"]}
+
+
 def build_optimizer(model: torch.nn.Module, *, embedding_lr: float, unembedding_lr: float, matrix_lr: float,
                     scalar_lr: float, weight_decay: float,
                     adam_betas: tuple[float, float] | None = (0.8, 0.95), model_dim_lr_scale: bool = True,
                     smear_lr: float = 0.2, muon_momentum: float = 0.95, muon_beta2: float = 0.9,
-                    ns_steps: int = 5) -> MuonAdamW:
+                    ns_steps: int = 5, sharded: bool | None = None) -> MuonAdamW:
     """MuonAdamW for a nanotrain GPT with nanochat's grouping and per-group settings.
+
+    sharded: build a DistMuonAdamW (gradients averaged across ranks inside step(), state sharded ZeRO-2
+    style); None (default) does so when torch.distributed is initialized with more than one rank.
 
     AdamW groups (lr scaled by (n_embd/768)^-0.5 when model_dim_lr_scale, tuned at width 768):
       lm_head       lr unembedding_lr,        wd 0.01
@@ -193,7 +502,9 @@ def build_optimizer(model: torch.nn.Module, *, embedding_lr: float, unembedding_
     grouped = [p for g in groups for p in g["params"]]
     if len(grouped) != len({id(p) for p in grouped}) or {id(p) for p in grouped} != {id(p) for p in model.parameters()}:
         raise ValueError("build_optimizer: every model parameter must be in exactly one group")
-    optimizer = MuonAdamW(groups)
+    if sharded is None:
+        sharded = distributed.get_world_size() > 1
+    optimizer = DistMuonAdamW(groups) if sharded else MuonAdamW(groups)
     for group in optimizer.param_groups:
         group["initial_lr"] = group["lr"]
     return optimizer
@@ -252,5 +563,5 @@ def weight_decay_multiplier(step: int, num_iterations: int) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * frac))
 
 
-__all__ = ["MuonAdamW", "adamw_update_", "build_optimizer", "lr_multiplier", "muon_lr_scale", "muon_momentum",
-           "weight_decay_multiplier"]
+__all__ = ["DistMuonAdamW", "MuonAdamW", "ZERO_KEY", "adamw_update_", "build_optimizer", "lr_multiplier",
+           "merge_optimizer_shards", "muon_lr_scale", "muon_momentum", "weight_decay_multiplier"]

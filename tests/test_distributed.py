@@ -1,0 +1,116 @@
+"""Data parallelism under torchrun (2 ranks, gloo, CPU): DistMuonAdamW equals one process accumulating
+twice as many micro-steps, holds about half the optimizer state per rank, re-shards to other world sizes;
+the trainer runs, saves and resumes under torchrun with rank 0 alone writing the shared files.
+
+The optimizer comparison runs in float64: in float32 the two runs differ by rounding in the order the
+micro-batch gradients are summed, and AdamW (eps 1e-10) turns that rounding into O(lr) differences on the
+few elements whose gradient is itself rounding-sized; float64 shows the two runs are the same computation
+(they agree to ~1e-15).
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from nanotrain.optim import DistMuonAdamW, MuonAdamW, build_optimizer, merge_optimizer_shards
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+import dist_optim_worker as worker  # noqa: E402
+
+torch.set_num_threads(1)
+
+
+def torchrun(args: list[str], nproc: int = 2, timeout: int = 240) -> subprocess.CompletedProcess:
+    """`python -m torch.distributed.run --standalone --nproc_per_node=<nproc> <args>`; Triton's interpreter
+    off (the reference kernels are faster on CPU), one thread per rank (the CI machine has two cores)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(HERE), env.get("PYTHONPATH", "")]))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *args]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def optim_runs(tmp_path_factory):
+    """The worker's results: {variant: {...}} for rank 0 and rank 1."""
+    out = tmp_path_factory.mktemp("dist_optim")
+    proc = torchrun([str(HERE / "dist_optim_worker.py"), str(out)])
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(2)]
+
+
+@pytest.mark.parametrize("variant", ["default", "all_sharded"])
+def test_two_ranks_equal_one_rank_with_twice_the_accumulation(optim_runs, variant):
+    r0, r1 = optim_runs[0][variant], optim_runs[1][variant]
+    single, start_moved = r0["single_params"], False
+    for name, ref in single.items():
+        assert torch.equal(r0["dist_params"][name], r1["dist_params"][name]), name  # ranks hold one model
+        diff = (r0["dist_params"][name] - ref).abs().max().item()
+        assert diff < 1e-12 * max(1.0, ref.abs().max().item()), (name, diff)
+    # the runs did train: the parameters moved from the (seeded, identical) start
+    fresh = worker.build_model(worker.CONFIG, "cpu").double().state_dict()
+    start_moved = all(not torch.equal(fresh[k], single[k]) for k in ("transformer.wte.weight", "lm_head.weight",
+                                                                     "transformer.h.0.mlp.c_fc.weight"))
+    assert start_moved
+
+
+@pytest.mark.parametrize("variant", ["default", "all_sharded"])
+def test_optimizer_state_per_rank_is_about_half(optim_runs, variant):
+    single = optim_runs[0][variant]["single_state_bytes"]
+    per_rank = [optim_runs[r][variant]["state_bytes"] for r in range(2)]
+    assert single > 300_000
+    assert all(0.45 * single < b < 0.52 * single for b in per_rank), (per_rank, single)
+    # the shards cover the state once (only tiny replicated tensors are held twice)
+    assert single <= sum(per_rank) < 1.01 * single
+
+
+def _assert_states_close(a: dict, b: dict) -> None:
+    assert set(a["state"]) == set(b["state"])
+    for index, st in a["state"].items():
+        assert set(st) == set(b["state"][index]), index
+        for key, value in st.items():
+            other = b["state"][index][key]
+            if isinstance(value, torch.Tensor):
+                assert value.shape == other.shape, (index, key)
+                assert torch.allclose(value, other, rtol=1e-10, atol=1e-14), (index, key)
+            else:
+                assert value == other, (index, key)
+
+
+@pytest.mark.parametrize("variant", ["default", "all_sharded"])
+def test_shards_merge_into_the_single_process_state_and_reshard(optim_runs, variant):
+    shards = [optim_runs[r][variant]["shard"] for r in range(2)]
+    merged = merge_optimizer_shards(shards[::-1])  # any order
+    _assert_states_close(merged, optim_runs[0][variant]["single_state"])
+
+    model = worker.build_model(worker.CONFIG, "cpu").double()
+    groups = build_optimizer(model, **worker.LRS, sharded=False).param_groups
+    single = MuonAdamW(groups)
+    single.load_state_dict(merged)
+    with pytest.raises(ValueError, match="merge"):
+        single.load_state_dict(shards[0])
+
+    # re-shard onto 3 ranks (two ownership rules): together they are the same state; with every tensor
+    # sharded each rank holds about a third of it
+    total = worker.state_bytes(single)
+    for min_shard in (1, 1024):
+        three = [DistMuonAdamW(groups, rank=r, world_size=3, min_shard_numel=min_shard, broadcast=False)
+                 for r in range(3)]
+        for opt in three:
+            opt.load_state_dict(merged)
+        _assert_states_close(merge_optimizer_shards([opt.state_dict() for opt in three]), merged)
+        sizes = [worker.state_bytes(opt) for opt in three]
+        assert total <= sum(sizes) < (1.01 if min_shard == 1 else 1.2) * total, (sizes, total)
+        if min_shard == 1:
+            assert all(0.3 * total < s < 0.35 * total for s in sizes), (sizes, total)
+    with pytest.raises(ValueError, match="merge"):
+        three[0].load_state_dict(three[1].state_dict())
+    # a rank's own shard round-trips
+    again = DistMuonAdamW(groups, rank=1, world_size=3, broadcast=False)
+    again.load_state_dict(three[1].state_dict())
+    _assert_states_close(again.state_dict(), three[1].state_dict())
