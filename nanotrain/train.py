@@ -211,7 +211,7 @@ def train(cfg: TrainConfig) -> LoopState:
         converted, total = convert_to_float8(model, Float8Config.from_recipe(cfg.fp8_recipe))
         mon.print(f"✓ FP8 ({cfg.fp8_recipe} scaling): converted {converted} of {total} linear layers")
 
-    report_kernels(mon, rt, model_config)
+    report_kernels(mon, rt, model_config, cfg.fp8)
     orig_model = model
     if use_compile(cfg, rt.device):
         model = torch.compile(model, dynamic=False)
@@ -526,12 +526,13 @@ def report_plan(mon: Monitor, cfg: TrainConfig, plan: scaling.TrainingPlan, micr
         mon.print(f"Scaling weight decay from {cfg.weight_decay:.6f} to {plan.weight_decay:.6f} for depth {cfg.depth}")
 
 
-def report_kernels(mon: Monitor, rt: Runtime, model_config) -> None:
-    """Which backend serves each op, why, and what a slow fallback costs."""
+def report_kernels(mon: Monitor, rt: Runtime, model_config, fp8: bool) -> None:
+    """Which backend serves each op this run uses, why, and what a slow fallback costs."""
     dtype = torch.bfloat16 if rt.device_type == "cuda" else torch.float32
     head_dim = model_config.n_embd // model_config.n_head
+    used = ["attention", "attention_decode", "muon_update", "packing"] + (["fp8_matmul", "fp8_quantize"] if fp8 else [])
     for line in registry.report(rt.device, dtype, {"attention": {"head_dim": head_dim},
-                                                   "attention_decode": {"head_dim": head_dim}}):
+                                                   "attention_decode": {"head_dim": head_dim}}, only=used):
         mon.print(line)
     attention = registry.select("attention", rt.device, dtype, head_dim=head_dim)
     if rt.device_type == "cuda" and attention.name in ("sdpa", "reference") and "S" in model_config.window_pattern:

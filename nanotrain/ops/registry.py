@@ -235,13 +235,15 @@ def explain(op: str, device: torch.device | str, dtype: torch.dtype, **props) ->
     return chosen, reasons
 
 
-def report(device: torch.device | str, dtype: torch.dtype, props: dict[str, dict] | None = None) -> list[str]:
+def report(device: torch.device | str, dtype: torch.dtype, props: dict[str, dict] | None = None,
+           only: list[str] | None = None) -> list[str]:
     """One line per op: which backend serves it on this device and why the faster ones do not.
 
-    `props` optionally gives per-op shape properties, e.g. {"attention": {"head_dim": 128}}.
+    `props` optionally gives per-op shape properties, e.g. {"attention": {"head_dim": 128}}; `only`
+    limits the report to the ops a run uses. On a GPU, an op left on its reference gets a warning.
     """
     lines = []
-    for op in ops():
+    for op in (ops() if only is None else only):
         try:
             chosen, reasons = explain(op, device, dtype, **(props or {}).get(op, {}))
         except BackendUnavailable as e:
@@ -253,7 +255,7 @@ def report(device: torch.device | str, dtype: torch.dtype, props: dict[str, dict
         lines.append(f"✓ {op}: {chosen.name}{desc}{how}")
         for name, reason in reasons:
             lines.append(f"    not {name}: {reason}")
-        if chosen.name == "reference" and reasons:
+        if chosen.name == "reference" and reasons and torch.device(device).type == "cuda":
             lines.append(f"    WARNING: {op} runs on the slow pure-PyTorch reference path")
     return lines
 

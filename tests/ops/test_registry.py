@@ -238,8 +238,11 @@ def test_report_lines(fake_op, monkeypatch):
     i = mine.index(f"✓ {fast}: cuda: the cuda kernel")
     assert mine[i + 1].startswith("✓ ")  # nothing skipped, no reasons under it
     i = mine.index(f"✓ {slow}: reference: the reference kernel")
-    assert mine[i + 1:i + 3] == ["    not cuda: needs sm90",
-                                 f"    WARNING: {slow} runs on the slow pure-PyTorch reference path"]
+    assert mine[i + 1] == "    not cuda: needs sm90"  # on CPU the reference is expected: no warning
+    assert not mine[i + 2].startswith("    WARNING")
+    on_gpu = registry.report(torch.device("cuda"), torch.bfloat16, only=[slow])
+    assert on_gpu == [f"✓ {slow}: reference: the reference kernel", "    not cuda: needs sm90",
+                      f"    WARNING: {slow} runs on the slow pure-PyTorch reference path"]
     i = mine.index(f"✓ {forced}: reference: the reference kernel (forced by {registry.ENV_VAR})")
     assert mine[i + 1] == "    not cuda: not chosen"
     assert f"✗ {broken}: {registry.ENV_VAR} forces {broken}=cuda, but it cannot run here: no GPU. " \
