@@ -200,8 +200,10 @@ def train(cfg: TrainConfig) -> LoopState:
     meta = run_meta(cfg, rt, model_config, tokenizer, data_fingerprint(cfg.base_dir), plan)
     ckpt = None
     if resuming:
-        for note in checkpoint.check_resume_compatible(checkpoint.read_meta(ckpt_dir, resume_step), meta):
+        saved_meta = checkpoint.read_meta(ckpt_dir, resume_step)
+        for note in checkpoint.check_resume_compatible(saved_meta, meta):
             mon.warn(f"resuming with a change: {note}")
+        check_same_world_size(saved_meta, rt)
         ckpt = checkpoint.load_checkpoint(ckpt_dir, resume_step, rank=rt.rank, device=rt.device)
         model.load_state_dict(ckpt.model_state, strict=True)
         mon.print(f"Resuming from step {ckpt.step} ({ckpt.path})")
@@ -221,7 +223,7 @@ def train(cfg: TrainConfig) -> LoopState:
     optimizer = build_optimizer(
         orig_model, embedding_lr=cfg.embedding_lr * plan.lr_scale, unembedding_lr=cfg.unembedding_lr * plan.lr_scale,
         matrix_lr=cfg.matrix_lr * plan.lr_scale, scalar_lr=cfg.scalar_lr * plan.lr_scale,
-        weight_decay=plan.weight_decay, adam_betas=(cfg.adam_beta1, cfg.adam_beta2))
+        weight_decay=plan.weight_decay, adam_betas=(cfg.adam_beta1, cfg.adam_beta2), sharded=rt.distributed)
     state = LoopState()
     loader_state = batch = None
     if ckpt is not None:
@@ -427,7 +429,18 @@ def run_meta(cfg, rt, model_config, tokenizer, data_fp: str, plan) -> dict:
     """What a checkpoint records about the run (for resume checks and for evaluation)."""
     return {"model_config": asdict(model_config), "train_config": cfg.to_dict(), "world_size": rt.world_size,
             "tokenizer_fingerprint": tokenizer.fingerprint, "data_fingerprint": data_fp,
-            "plan": asdict(plan), "code_version": __version__}
+            "plan": asdict(plan), "code_version": __version__, "optim_sharded": rt.distributed}
+
+
+def check_same_world_size(saved_meta: dict, rt: Runtime) -> None:
+    """Refuse a resume on another number of processes: each rank's data-loader position (and, when sharded,
+    its optimizer shard) belongs to its rank. (The optimizer alone could re-shard: optim.merge_optimizer_shards.)"""
+    saved = saved_meta.get("world_size", 1)
+    if saved != rt.world_size:
+        launch = f"torchrun --nproc_per_node={saved} -m nanotrain" if saved > 1 else "nanotrain (one process)"
+        raise UserError(f"cannot resume: the checkpoint was written by {saved} process(es) and this run has "
+                        f"{rt.world_size}, and each rank's data-loader position belongs to its rank; relaunch "
+                        f"with {saved} (e.g. {launch}), or start a new run under another --model-tag")
 
 
 def save(ckpt_dir, cfg, rt, model, optimizer, train_loader, batch, state: LoopState, meta: dict):

@@ -9,6 +9,7 @@ few elements whose gradient is itself rounding-sized; float64 shows the two runs
 """
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -17,6 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from nanotrain import checkpoint, train
 from nanotrain.optim import DistMuonAdamW, MuonAdamW, build_optimizer, merge_optimizer_shards
 
 HERE = Path(__file__).resolve().parent
@@ -114,3 +116,55 @@ def test_shards_merge_into_the_single_process_state_and_reshard(optim_runs, vari
     again = DistMuonAdamW(groups, rank=1, world_size=3, broadcast=False)
     again.load_state_dict(three[1].state_dict())
     _assert_states_close(again.state_dict(), three[1].state_dict())
+
+
+# --------------------------------------------------------------------------------------------------
+# The trainer under torchrun
+
+TINY = ["--device-type=cpu", "--depth=2", "--aspect-ratio=32", "--head-dim=32", "--max-seq-len=64",
+        "--device-batch-size=4", "--total-batch-size=512", "--window-pattern=SL", "--core-metric-every=-1",
+        "--eval-tokens=1024", "--warmup-ratio=0.1", "--sample-every=-1", "--num-iterations=4"]
+
+
+def _losses(ckpt_dir: Path) -> list[tuple[int, float]]:
+    """(step, loss) of every train row of metrics.jsonl, in file order."""
+    rows = [json.loads(line) for line in (ckpt_dir / "metrics.jsonl").read_text().splitlines()]
+    return [(r["step"], r["train/loss_raw"]) for r in rows if "train/loss_raw" in r]
+
+
+def test_torchrun_trains_saves_resumes_and_rank0_alone_writes(tiny_base_dir, capsys):
+    base, tag = tiny_base_dir, "torchrun2"
+    ckpt_dir = base / "base_checkpoints" / tag
+    args = ["-m", "nanotrain", *TINY, f"--base-dir={base}", f"--model-tag={tag}", "--save-every=2",
+            "--eval-every=2"]
+    proc = torchrun(args)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    out = proc.stdout
+    assert out.count("2 rank(s)") == 1 and "Tokens per micro-step: 512 | gradient accumulation steps: 1" in out
+    for step in range(4):  # rank 0 alone prints the step lines and writes the metrics
+        assert out.count(f"step {step:05d}/00004") == 1, out[-2000:]
+    assert out.count("Validation bpb") == 3  # steps 0, 2, 4
+    first_losses = _losses(ckpt_dir)
+    assert [step for step, _ in first_losses] == [0, 1, 2, 3]  # one writer: each step logged once
+    assert (ckpt_dir / "plot.png").stat().st_size > 1000
+    assert checkpoint.list_steps(ckpt_dir) == [2, 4]
+    step4 = ckpt_dir / checkpoint.step_dir_name(4)
+    meta = json.loads((step4 / "meta.json").read_text())
+    assert meta["world_size"] == 2 and meta["optim_sharded"] is True
+    shards = [torch.load(step4 / f"optim_rank{r}.pt", weights_only=True) for r in range(2)]
+    assert [s["zero"]["rank"] for s in shards] == [0, 1] and all(s["zero"]["world_size"] == 2 for s in shards)
+    assert (step4 / "rank1.pt").is_file()
+    first_model = checkpoint.load_checkpoint(ckpt_dir, 4, load_optim=False).model_state
+
+    # resume from step 2 on 2 ranks: the same losses and the same final weights
+    proc = torchrun([*args, "--resume-from-step=2"])
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "Resuming from step 2" in proc.stdout and proc.stdout.count("Resuming from step 2") == 1
+    assert _losses(ckpt_dir) == first_losses + first_losses[2:]  # steps 2 and 3 again, once, with the same losses
+    again = checkpoint.load_checkpoint(ckpt_dir, 4, load_optim=False).model_state
+    assert all(torch.equal(first_model[k], again[k]) for k in first_model)
+
+    # on one process: refused with a clear message
+    code = train.main([*TINY, f"--base-dir={base}", f"--model-tag={tag}", "--resume-from-step=latest"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and err[0].startswith("error: cannot resume") and "2 processes" in err[0], err
