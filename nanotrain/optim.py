@@ -9,7 +9,9 @@ updates make no sense (lookup tables, a classifier, 0/1-D parameters).
 
 The grouping and per-group hyperparameters follow nanochat's GPT.setup_optimizer; the schedules follow
 nanochat's base_train. The per-group update functions (`_adamw_update`, `_muon_update_stack`) are
-methods a distributed (ZeRO-2) subclass reuses on the slices it owns.
+methods that DistMuonAdamW, the data-parallel (ZeRO-2) subclass used under torchrun, reuses on the slices
+and whole matrices each rank owns; merge_optimizer_shards turns its per-rank state_dicts back into one
+full state, which either optimizer loads at any world size.
 """
 from __future__ import annotations
 
