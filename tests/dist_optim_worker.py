@@ -1,4 +1,4 @@
-"""Worker for tests/test_distributed.py, run under `torchrun --nproc_per_node=2` (gloo, CPU).
+"""Worker for tests/test_data_parallel.py, run under `torchrun --nproc_per_node=2` (gloo, CPU).
 
 Trains a tiny GPT for a few steps two ways and saves what the test compares:
   - data parallel: each of the W ranks runs k micro-steps (its share of the batch) and DistMuonAdamW steps;
