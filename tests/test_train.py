@@ -133,3 +133,36 @@ def test_kernel_table_lists_every_op(capsys):
     for op in ("attention", "muon", "packing"):
         assert f"✓ {op}:" in out
     assert "extension nanotrain._C:" in out
+
+
+def _oom_on_first_call(monkeypatch):
+    real = train.train_micro_steps
+    calls = {"n": 0, "batch_sizes": []}
+
+    def flaky(model, x, y, *args, **kwargs):
+        calls["n"] += 1
+        calls["batch_sizes"].append(x.shape[0])
+        if calls["n"] == 1:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real(model, x, y, *args, **kwargs)
+
+    monkeypatch.setattr(train, "train_micro_steps", flaky)
+    return calls
+
+
+def test_first_step_oom_names_a_batch_that_fits(tiny_base_dir, monkeypatch, capsys):
+    _oom_on_first_call(monkeypatch)
+    assert run(tiny_base_dir, "oom", "--num-iterations=3", "--eval-every=-1", "--sample-every=-1") == 4
+    err = capsys.readouterr().err
+    assert "out of memory at --device-batch-size=4: --device-batch-size=2 fits" in err
+    assert "--oom-auto-batch" in err
+
+
+def test_first_step_oom_with_auto_batch_halves_and_keeps_the_total(tiny_base_dir, monkeypatch, capsys):
+    calls = _oom_on_first_call(monkeypatch)
+    assert run(tiny_base_dir, "oom-auto", "--num-iterations=3", "--eval-every=-1", "--sample-every=-1",
+               "--oom-auto-batch") == 0
+    assert "halving to 2 and doubling gradient accumulation to 4" in capsys.readouterr().err
+    assert calls["batch_sizes"] == [4, 2, 2, 2]  # 512 tokens a step = 4 micro-steps of 2 x 64 after the halving
+    meta = checkpoint.read_meta(tiny_base_dir / "base_checkpoints" / "oom-auto")
+    assert meta["train_config"]["device_batch_size"] == 2
