@@ -250,15 +250,29 @@ def _spans(task_type: str, tokens: list[list[int]]) -> tuple[list[list[int]], li
 
 
 def _crop_left(rows: list[list[int]], starts: list[int], ends: list[int], max_len: int | None) -> None:
-    """Keep the last max_len tokens of each overlong row (the scored continuation sits at the end)."""
+    """Fit overlong rows into max_len tokens by dropping tokens on the left (the scored part is at the end).
+
+    Every row of the example loses the same number of tokens when that leaves all scored spans whole, so
+    the rows keep one shared context (every choice sees the same prompt, and the shared prefix can still
+    run once); otherwise each row keeps its own last max_len tokens (nanochat's rule).
+    """
     if max_len is None:
         return
-    for i, row in enumerate(rows):
-        crop = len(row) - max_len
-        if crop > 0:
-            rows[i] = row[crop:]
-            starts[i] = max(1, starts[i] - crop)
+    crop = max(len(r) for r in rows) - max_len
+    if crop <= 0:
+        return
+    if crop <= min(starts) - 1:
+        for i in range(len(rows)):
+            rows[i] = rows[i][crop:]
+            starts[i] -= crop
             ends[i] -= crop
+        return
+    for i, row in enumerate(rows):
+        c = len(row) - max_len
+        if c > 0:
+            rows[i] = row[c:]
+            starts[i] = max(1, starts[i] - c)
+            ends[i] -= c
 
 
 def _model_max_len(model: torch.nn.Module) -> int | None:

@@ -198,3 +198,14 @@ def test_shared_prefix_path_equals_full_rows():
             checked += 1
     assert checked == 15
     assert max(len(r) for ex in examples for r in ex.rows) > 257  # beyond the S layers' window
+
+
+def test_crop_keeps_a_shared_context_when_it_can():
+    rows = [list(range(10)) + [50, 51], list(range(10)) + [60, 61, 62, 63]]  # longest 14 tokens
+    starts, ends = [10, 10], [12, 14]
+    core._crop_left(rows, starts, ends, 8)  # drop 6 from both: the prefix stays shared
+    assert rows == [[6, 7, 8, 9, 50, 51], [6, 7, 8, 9, 60, 61, 62, 63]] and starts == [4, 4] and ends == [6, 8]
+    rows = [[1, 2, 3, 4, 5, 6, 7, 8, 9], [1, 2, 9]]  # the long answer alone exceeds 4: crop each row alone
+    starts, ends = [2, 2], [9, 3]
+    core._crop_left(rows, starts, ends, 4)
+    assert rows == [[6, 7, 8, 9], [1, 2, 9]] and starts == [1, 2] and ends == [4, 3]
