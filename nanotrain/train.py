@@ -26,16 +26,6 @@ from nanotrain.errors import UserError
 from nanotrain.monitor import Monitor, mfu, peak_flops, step_line
 from nanotrain.ops import registry
 
-SAMPLE_PROMPTS = (
-    "The capital of France is",
-    "The chemical symbol of gold is",
-    "If yesterday was Friday, then tomorrow will be",
-    "The opposite of hot is",
-    "The planets of the solar system are:",
-    "My favorite color is",
-    "If 5*x + 3 = 13, then x is",
-)
-
 
 class RunStopped(Exception):
     """The run ended early on purpose (diverged loss, out of memory); the message says what to do."""
@@ -420,7 +410,7 @@ def print_samples(model, tokenizer, mon, autocast, eval_context) -> None:
 
     model.eval()
     with eval_context(), autocast():
-        for text in sample_text(model, tokenizer, list(SAMPLE_PROMPTS), max_tokens=16):
+        for text in sample_text(model, tokenizer, max_tokens=16):
             mon.print(f"  sample: {text!r}")
     model.train()
 
