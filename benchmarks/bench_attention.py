@@ -27,12 +27,15 @@ from __future__ import annotations
 import json
 import math
 import os
-import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # noqa: E402  (benchmarks/common.py: CUDA-event timing, measured limits, commit)
 import torch.nn.functional as F
 
 B, T, H, D = 8, 2048, 16, 128
@@ -54,37 +57,10 @@ def attention_flops(B: int, T: int, H: int, D: int, window: int | None, backward
     return fwd * (3.5 if backward else 1.0)
 
 
-def time_cuda(fn, warmup: int = 5, reps: int = 30) -> float:
-    """Median milliseconds of fn() timed with CUDA events after warm-up (warm-up also runs autotuning)."""
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    times.sort()
-    return times[len(times) // 2]
 
 
-def matmul_rate_tflops(n: int = 8192) -> float:
-    """Measured dense bf16 matmul rate (TFLOP/s): the limit the attention numbers are compared with."""
-    a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
-    b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
-    ms = time_cuda(lambda: a @ b, warmup=5, reps=20)
-    return 2 * n ** 3 / (ms * 1e-3) / 1e12
 
 
-def _commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              cwd=Path(__file__).parent).stdout.strip() or "unknown"
-    except OSError:
-        return "unknown"
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -207,8 +183,8 @@ def d20_stack(reps: int) -> dict:
                 torch.autograd.grad(out, (q, k, v), do)
         return run
 
-    t_sssl = time_cuda(stack(windows), warmup=2, reps=reps)
-    t_full = time_cuda(stack([None] * n_layer), warmup=2, reps=reps)
+    t_sssl = common.cuda_time_ms(stack(windows), warmup=2, repeats=reps)
+    t_full = common.cuda_time_ms(stack([None] * n_layer), warmup=2, repeats=reps)
     flops_sssl = sum(attention_flops(B, T, n_head, head_dim, w, True) for w in windows)
     flops_full = n_layer * attention_flops(B, T, n_head, head_dim, None, True)
     return dict(n_layer=n_layer, n_head=n_head, head_dim=head_dim, B=B, T=T,
@@ -220,9 +196,9 @@ def d20_stack(reps: int) -> dict:
 def run(reps: int = 30) -> dict:
     torch.manual_seed(0)
     results: dict = {"gpu": torch.cuda.get_device_name(), "capability": list(torch.cuda.get_device_capability()),
-                     "commit": _commit(), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d %H:%M"),
+                     "commit": common.git_commit(), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d %H:%M"),
                      "shape": dict(B=B, T=T, H=H, D=D, dtype=str(DTYPE)), "rows": []}
-    results["bf16_matmul_tflops"] = peak = matmul_rate_tflops()
+    results["bf16_matmul_tflops"] = peak = common.matmul_peak_tflops()
     for window in WINDOWS:
         results.setdefault("guard_err", {})[str(window)] = correctness_guard(window)
     q, k, v, do = _inputs(B, T, H, H, D)
@@ -236,7 +212,7 @@ def run(reps: int = 30) -> dict:
                     fn = provider(q, k, v, do, window, backward)
                     if fn is None:
                         continue
-                    ms = time_cuda(fn, reps=reps)
+                    ms = common.cuda_time_ms(fn, repeats=reps)
                 except Exception as e:  # a peer that fails here is recorded, not fatal
                     row[f"{name}_error"] = f"{type(e).__name__}: {e}"[:200]
                     continue

@@ -20,12 +20,15 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # noqa: E402  (benchmarks/common.py: CUDA-event timing, measured limits, commit)
 
 D26_GROUPS: dict[str, tuple[int, int, int]] = {
     "attn q/k/v/o (104 x 1664 x 1664)": (104, 1664, 1664),
@@ -52,29 +55,8 @@ def gram_flops(K: int, m: int, n: int) -> float:
     return K * (2 * (s * s * l_) + 2 * (2 * s * s * l_) + 14 * square)
 
 
-def time_cuda(fn, warmup: int = 3, reps: int = 20) -> float:
-    """Median milliseconds of fn() timed with CUDA events after warm-up."""
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    times.sort()
-    return times[len(times) // 2]
 
 
-def matmul_rate_tflops(n: int = 8192) -> float:
-    """Measured dense bf16 matmul rate (TFLOP/s) on random inputs: the ceiling we compare against."""
-    a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
-    b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
-    ms = time_cuda(lambda: a @ b, warmup=5, reps=20)
-    return 2 * n ** 3 / (ms * 1e-3) / 1e12
 
 
 def make_group(K: int, m: int, n: int, dtype: torch.dtype) -> list[torch.Tensor]:
@@ -84,12 +66,6 @@ def make_group(K: int, m: int, n: int, dtype: torch.dtype) -> list[torch.Tensor]
             1e-3 * torch.rand(second, device="cuda", dtype=dtype)]
 
 
-def _commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              cwd=Path(__file__).parent).stdout.strip() or "unknown"
-    except OSError:
-        return "unknown"
 
 
 def run(reps: int = 20) -> dict:
@@ -97,9 +73,9 @@ def run(reps: int = 20) -> dict:
     from nanotrain.ops import registry
 
     torch.manual_seed(0)
-    results: dict = {"gpu": torch.cuda.get_device_name(), "commit": _commit(), "torch": torch.__version__,
+    results: dict = {"gpu": torch.cuda.get_device_name(), "commit": common.git_commit(), "torch": torch.__version__,
                      "date": time.strftime("%Y-%m-%d %H:%M"), "groups": {}, "step": {}}
-    peak = matmul_rate_tflops()
+    peak = common.matmul_peak_tflops()
     results["bf16_matmul_tflops"] = peak
 
     # --- correctness guard: the timed Triton step computes what the reference computes
@@ -121,9 +97,9 @@ def run(reps: int = 20) -> dict:
         Xn = (G.float() / (G.float().norm(dim=(-2, -1), keepdim=True) * ns.NORM_SAFETY + 1e-6)).bfloat16()
         nominal, executed = ortho_flops(K, m, n)
         row = results["groups"][name]
-        t_ref = time_cuda(lambda: ref_ortho(G), reps=reps)
-        t_tri = time_cuda(lambda: ns.polar_express_triton(Xn.clone(), STEPS, gram=False), reps=reps)
-        t_copy = time_cuda(lambda: Xn.clone(), reps=reps)  # the clone inside the timed lambda, subtracted
+        t_ref = common.cuda_time_ms(lambda: ref_ortho(G), repeats=reps)
+        t_tri = common.cuda_time_ms(lambda: ns.polar_express_triton(Xn.clone(), STEPS, gram=False), repeats=reps)
+        t_copy = common.cuda_time_ms(lambda: Xn.clone(), repeats=reps)  # the clone inside the timed lambda, subtracted
         t_tri = max(t_tri - t_copy, 1e-6)
         row.update(ortho_ms_compiled_reference=t_ref, ortho_ms_triton=t_tri,
                    ortho_tflops_nominal_triton=nominal / (t_tri * 1e-3) / 1e12,
@@ -131,8 +107,8 @@ def run(reps: int = 20) -> dict:
                    ortho_tflops_nominal_reference=nominal / (t_ref * 1e-3) / 1e12,
                    ortho_pct_of_matmul_peak_triton=100 * executed / (t_tri * 1e-3) / 1e12 / peak)
         if min(m, n) >= 16 and max(m, n) >= 2 * min(m, n):
-            t_gram = max(time_cuda(lambda: ns.polar_express_triton(Xn.clone(), STEPS, gram=True), reps=reps)
-                         - t_copy, 1e-6)
+            t_gram = common.cuda_time_ms(lambda: ns.polar_express_triton(Xn.clone(), STEPS, gram=True), repeats=reps)
+            t_gram = max(t_gram - t_copy, 1e-6)
             out_std = ns.polar_express_triton(Xn.clone(), STEPS, gram=False).double()
             out_gram = ns.polar_express_triton(Xn.clone(), STEPS, gram=True).double()
             ref64 = ns.reference(G[:2].double())
@@ -165,9 +141,9 @@ def run(reps: int = 20) -> dict:
                 ns.GRAM_MIN_ASPECT = old
 
         key = str(dtype).replace("torch.", "")
-        t_ref = time_cuda(step_reference, reps=reps)
-        t_tri = time_cuda(step_triton, reps=reps)
-        t_gram = time_cuda(lambda: step_triton(True), reps=reps)
+        t_ref = common.cuda_time_ms(step_reference, repeats=reps)
+        t_tri = common.cuda_time_ms(step_triton, repeats=reps)
+        t_gram = common.cuda_time_ms(lambda: step_triton(True), repeats=reps)
         results["step"][key] = dict(ms_compiled_reference=t_ref, ms_triton=t_tri, ms_triton_gram=t_gram,
                                     speedup=t_ref / t_tri, speedup_gram=t_ref / t_gram)
         states = {}  # free this dtype's stacks before the next
