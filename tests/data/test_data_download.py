@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import io
 import random
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from local_http import LocalHTTPServer, QuietHandler
 
 from nanotrain.data import shards as S
 from nanotrain.data.cli import main
@@ -24,7 +23,7 @@ def parquet_bytes(seed: int, n: int = 200) -> bytes:
     return buf.getvalue()
 
 
-class ShardServer:
+class ShardServer(LocalHTTPServer):
     """Serves `files` (name -> bytes) under /data/, honouring Range requests. A name in `drop_once` gets
     its first response cut after half the bytes (the connection is closed). Records every request."""
 
@@ -33,10 +32,7 @@ class ShardServer:
         self.requests: list[tuple[str, str | None]] = []
         server = self
 
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args):
-                pass
-
+        class Handler(QuietHandler):
             def do_GET(self):
                 name = self.path.rsplit("/", 1)[-1]
                 rng = self.headers.get("Range")
@@ -60,17 +56,8 @@ class ShardServer:
                     return
                 self.wfile.write(body)
 
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/data"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
-
-    def __enter__(self):
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.httpd.shutdown()
-        self.httpd.server_close()
+        super().__init__(Handler)
+        self.url = self.address("/data")
 
 
 @pytest.fixture

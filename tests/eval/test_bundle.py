@@ -1,7 +1,6 @@
 """ensure_eval_bundle: local folders, and the download from a local HTTP server (zip of a handmade bundle)."""
 from __future__ import annotations
 
-import http.server
 import io
 import threading
 import zipfile
@@ -9,6 +8,7 @@ from pathlib import Path
 
 import pytest
 from eval_standins import handmade_rows, write_bundle
+from local_http import LocalHTTPServer, QuietHandler
 
 from nanotrain import paths
 from nanotrain.errors import UserError
@@ -24,14 +24,14 @@ def zip_of(folder: Path, top: str = "eval_bundle") -> bytes:
     return buf.getvalue()
 
 
-class Server:
+class Server(LocalHTTPServer):
     """Serves fixed bytes at /eval_bundle.zip on 127.0.0.1, counting the requests."""
 
     def __init__(self, payload: bytes):
         self.payload, self.hits = payload, 0
         outer = self
 
-        class Handler(http.server.BaseHTTPRequestHandler):
+        class Handler(QuietHandler):
             def do_GET(self):
                 outer.hits += 1
                 if self.path != "/eval_bundle.zip":
@@ -42,20 +42,8 @@ class Server:
                 self.end_headers()
                 self.wfile.write(outer.payload)
 
-            def log_message(self, *args):
-                pass
-
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/eval_bundle.zip"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
-
-    def __enter__(self):
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.httpd.shutdown()
-        self.httpd.server_close()
+        super().__init__(Handler)
+        self.url = self.address("/eval_bundle.zip")
 
 
 @pytest.fixture
