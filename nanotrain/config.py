@@ -188,7 +188,7 @@ HELP = {
     "base_dir": "where data, tokenizer and checkpoints live (default $NANOTRAIN_BASE_DIR or ~/.cache/nanotrain)",
     "seed": "random seed of the weights init",
     "keep_last": "keep only the newest N checkpoints (-1 = keep all)",
-    "compile": "torch.compile the model: auto (on for CUDA), on, off",
+    "compile": "torch.compile the model: auto (CUDA, and CPU runs of 200+ steps), on, off",
     "oom_auto_batch": "on out-of-memory at the first step, halve --device-batch-size and keep the total batch",
     "eval_bundle_dir": "folder of the CORE eval bundle (default: <base-dir>/eval_bundle, downloaded on first use)",
 }

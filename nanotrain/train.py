@@ -96,9 +96,21 @@ def autocast_for(device: torch.device):
     return contextlib.nullcontext
 
 
-def use_compile(cfg: TrainConfig, device: torch.device) -> bool:
-    """torch.compile pays off on CUDA; on CPU the compile time outweighs the gain for small runs."""
-    return cfg.compile == "on" or (cfg.compile == "auto" and device.type == "cuda")
+CPU_COMPILE_MIN_STEPS = 200
+
+
+def use_compile(cfg: TrainConfig, device: torch.device, num_iterations: int) -> bool:
+    """torch.compile: always worth it on CUDA. On CPU (d4, measured): 1.26x faster steps for ~20 s of
+    compilation, so auto turns it on for runs of CPU_COMPILE_MIN_STEPS steps or more, where a C++ compiler
+    (which inductor needs) is installed. Never on MPS."""
+    import shutil
+
+    if cfg.compile != "auto":
+        return cfg.compile == "on"
+    if device.type == "cuda":
+        return True
+    has_compiler = any(shutil.which(c) for c in ("c++", "g++", "clang++"))
+    return device.type == "cpu" and num_iterations >= CPU_COMPILE_MIN_STEPS and has_compiler
 
 
 def print_kernel_table(device: torch.device | None = None) -> None:
@@ -205,7 +217,7 @@ def train(cfg: TrainConfig) -> LoopState:
 
     report_kernels(mon, rt, model_config, cfg.fp8)
     orig_model = model
-    if use_compile(cfg, rt.device):
+    if use_compile(cfg, rt.device, plan.num_iterations):
         model = torch.compile(model, dynamic=False)
         mon.print("torch.compile: on")
 

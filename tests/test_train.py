@@ -6,7 +6,9 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
+import pytest
 import torch
 
 from nanotrain import checkpoint, train
@@ -165,3 +167,30 @@ def test_first_step_oom_with_auto_batch_halves_and_keeps_the_total(tiny_base_dir
     assert calls["batch_sizes"] == [4, 2, 2, 2]  # 512 tokens a step = 4 micro-steps of 2 x 64 after the halving
     meta = checkpoint.read_meta(tiny_base_dir / "base_checkpoints" / "oom-auto")
     assert meta["train_config"]["device_batch_size"] == 2
+
+
+REAL_BUNDLE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "core_eval_bundle"
+
+
+@pytest.mark.skipif(not REAL_BUNDLE.is_dir(), reason="the CORE bundle is not at ../shared/data/core_eval_bundle")
+def test_core_metric_during_training_on_the_real_bundle(tiny_base_dir, capsys):
+    assert run(tiny_base_dir, "core", "--num-iterations=2", "--eval-every=-1", "--sample-every=-1",
+               "--core-metric-every=2", "--core-metric-max-per-task=2", f"--eval-bundle-dir={REAL_BUNDLE}") == 0
+    out = capsys.readouterr().out
+    assert "Step 00002 | CORE metric: " in out
+    row = [r for r in metrics(tiny_base_dir, "core") if "core_metric" in r][-1]
+    assert row["step"] == 2 and -1.0 <= row["core_metric"] <= 1.0
+
+
+def test_compile_choice_per_device(monkeypatch):
+    cfg = parse_args(["--device-type=cpu"])
+    cuda, cpu, mps = torch.device("cuda"), torch.device("cpu"), torch.device("mps")
+    assert train.use_compile(cfg, cuda, 10)
+    assert not train.use_compile(cfg, cpu, train.CPU_COMPILE_MIN_STEPS - 1)
+    assert not train.use_compile(cfg, mps, 10**6)
+    monkeypatch.setattr("shutil.which", lambda name: "/usr/bin/" + name)
+    assert train.use_compile(cfg, cpu, train.CPU_COMPILE_MIN_STEPS)
+    monkeypatch.setattr("shutil.which", lambda name: None)
+    assert not train.use_compile(cfg, cpu, 10**6)  # inductor needs a C++ compiler on CPU
+    assert not train.use_compile(parse_args(["--compile=off"]), cuda, 10)
+    assert train.use_compile(parse_args(["--compile=on"]), cpu, 1)
