@@ -431,7 +431,7 @@ def run_meta(cfg, rt, model_config, tokenizer, data_fp: str, plan) -> dict:
     """What a checkpoint records about the run (for resume checks and for evaluation)."""
     return {"model_config": asdict(model_config), "train_config": cfg.to_dict(), "world_size": rt.world_size,
             "tokenizer_fingerprint": tokenizer.fingerprint, "data_fingerprint": data_fp,
-            "plan": asdict(plan), "code_version": __version__, "optim_sharded": rt.distributed}
+            "plan": asdict(plan), "optim_sharded": rt.distributed}
 
 
 def check_same_world_size(saved_meta: dict, rt: Runtime) -> None:

@@ -194,3 +194,13 @@ def test_compile_choice_per_device(monkeypatch):
     assert not train.use_compile(cfg, cpu, 10**6)  # inductor needs a C++ compiler on CPU
     assert not train.use_compile(parse_args(["--compile=off"]), cuda, 10)
     assert train.use_compile(parse_args(["--compile=on"]), cpu, 1)
+
+
+def test_nanotrain_eval_reads_a_checkpoint_the_trainer_wrote(tiny_base_dir, capsys):
+    from nanotrain.eval.cli import main as eval_main
+
+    assert run(tiny_base_dir, "for-eval", "--num-iterations=3", "--eval-every=-1", "--sample-every=-1") == 0
+    assert eval_main(["--model-tag=for-eval", f"--base-dir={tiny_base_dir}", "--eval=bpb,sample",
+                      "--eval-tokens=1024", "--device-batch-size=4", "--device-type=cpu"]) == 0
+    report = json.loads((tiny_base_dir / "base_checkpoints" / "for-eval" / "eval_step_000003.json").read_text())
+    assert report["step"] == 3 and 0 < report["val_bpb"] < 20 and len(report["samples"]) == 7
