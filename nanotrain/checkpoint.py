@@ -848,6 +848,8 @@ def load_model(model_tag: str, step: int | str = "latest", device="cpu",
     known = {f.name for f in dataclasses.fields(GPTConfig)}
     unknown = sorted(set(cfg) - known)
     version = meta.get("code_version") or {}
+    if isinstance(version, str):  # early checkpoints stored the package version alone
+        version = {"nanotrain": version}
     written_by = f"nanotrain {version.get('nanotrain')} (commit {version.get('git_commit') or 'unknown'})"
     if unknown:
         raise UserError(f"checkpoint {ckpt.path} has model options this nanotrain does not know "
