@@ -229,7 +229,12 @@ def train(cfg: TrainConfig) -> LoopState:
     state = LoopState()
     loader_state = batch = None
     if ckpt is not None:
+        # the moments resume; the settings (LRs, betas, eps, weight decay) are this run's options, which a resume
+        # may change on purpose (torch's load_state_dict would put the checkpoint's settings back)
+        settings = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
         optimizer.load_state_dict(ckpt.optim_state)
+        for group, own in zip(optimizer.param_groups, settings, strict=True):
+            group.update(own)
         state = LoopState(**ckpt.meta["loop_state"])
         loader_state, batch = ckpt.rank_state["loader"], ckpt.rank_state["batch"]
         checkpoint.restore_rng_state(ckpt.rank_state["rng"])

@@ -204,3 +204,30 @@ def test_nanotrain_eval_reads_a_checkpoint_the_trainer_wrote(tiny_base_dir, caps
                       "--eval-tokens=1024", "--device-batch-size=4", "--device-type=cpu"]) == 0
     report = json.loads((tiny_base_dir / "base_checkpoints" / "for-eval" / "eval_step_000003.json").read_text())
     assert report["step"] == 3 and 0 < report["val_bpb"] < 20 and len(report["samples"]) == 7
+
+
+def _record_group_settings(monkeypatch):
+    """Record each step's optimizer group settings (initial_lr, betas, eps) by group name."""
+    real = train.apply_schedules
+    seen = []
+
+    def recording(optimizer, plan, step, cfg):
+        real(optimizer, plan, step, cfg)
+        seen.append({g["name"]: (g["initial_lr"], g.get("betas"), g.get("eps")) for g in optimizer.param_groups})
+
+    monkeypatch.setattr(train, "apply_schedules", recording)
+    return seen
+
+
+def test_resume_with_a_changed_lr_uses_the_new_lr(tiny_base_dir, monkeypatch):
+    # the changes a resume allows (and notes) must take effect: the diverged-loss message itself advises
+    # resuming with a lower LR, so the checkpoint's optimizer settings must not override the new options
+    quiet = ["--eval-every=-1", "--sample-every=-1"]
+    assert run(tiny_base_dir, "lr-change", "--num-iterations=2", *quiet) == 0
+    changed = ["--matrix-lr=0.005", "--embedding-lr=0.1", "--adam-beta1=0.7"]
+    seen = _record_group_settings(monkeypatch)
+    assert run(tiny_base_dir, "lr-change", "--num-iterations=3", "--resume-from-step=latest", *quiet, *changed) == 0
+    resumed = seen[-1]
+    seen.clear()
+    assert run(tiny_base_dir, "lr-fresh", "--num-iterations=3", *quiet, *changed) == 0
+    assert resumed == seen[-1]
