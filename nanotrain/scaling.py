@@ -115,8 +115,8 @@ def plan_training(*, scaling_params: int, ref_scaling_params: int, flops_per_tok
 
     The horizon in tokens for the batch-size and weight-decay rules comes from the ratio (10.5 if the
     ratio option is off), as in nanochat, whatever option then fixes the step count; an auto batch
-    is raised to at least one micro-step. A batch that is not a whole number of micro-steps is
-    refused (see `grad_accum_steps`).
+    is rounded up to a whole number of micro-steps (at least one). A --total-batch-size that is not a
+    whole number of micro-steps is refused (see `grad_accum_steps`).
     """
     eff_ratio = ratio if ratio > 0 else 10.5
     tokens = target_tokens(eff_ratio, scaling_params)
@@ -124,7 +124,9 @@ def plan_training(*, scaling_params: int, ref_scaling_params: int, flops_per_tok
     if total_batch_size_opt > 0:
         batch, source = total_batch_size_opt, "--total-batch-size"
     else:
-        batch, source = max(auto_total_batch_size(tokens, ref), tokens_per_micro_step), "auto"
+        # the auto batch is a whole number of micro-steps: rounded up when the device batch does not divide it
+        auto = auto_total_batch_size(tokens, ref)
+        batch, source = -(-auto // tokens_per_micro_step) * tokens_per_micro_step, "auto"
     steps, how = num_iterations(num_iterations=num_iterations_opt, target_flops=target_flops, ratio=ratio,
                                 flops_per_token=flops_per_token, scaling_params=scaling_params,
                                 total_batch_size=batch)

@@ -77,3 +77,11 @@ def test_plan_training_small_model_batch_floor_and_accumulation():
 def test_batch_not_multiple_of_micro_step_is_refused():
     with pytest.raises(UserError, match="not a multiple"):
         scaling.grad_accum_steps(1000, 768)
+
+
+def test_auto_batch_is_rounded_up_to_whole_micro_steps():
+    # device batch 24 x 2048 tokens does not divide the auto 2^19: round up to 11 micro-steps (540,672 tokens)
+    plan = scaling.plan_training(scaling_params=10**8, ref_scaling_params=10**8, flops_per_token=6e8, ratio=10.5,
+                                 num_iterations_opt=-1, target_flops=-1, total_batch_size_opt=-1, weight_decay=0.2,
+                                 tokens_per_micro_step=24 * 2048)
+    assert plan.total_batch_size == 11 * 24 * 2048 and plan.grad_accum_steps == 11
