@@ -68,26 +68,45 @@ class Monitor:
     """
 
     def __init__(self, *, master: bool, run: str = "dummy", out_dir: Path | None = None,
-                 config: dict | None = None, project: str = "nanotrain", resume: bool = False) -> None:
+                 config: dict | None = None, project: str = "nanotrain") -> None:
         self.master = master
         self.out_dir = Path(out_dir) if out_dir else None
+        self.run, self.config, self.project = run, config, project
         self._wandb = None
         self.history: list[dict] = []
-        if not master:
+
+    def start(self, resume_step: int | None = None) -> None:
+        """Open the records, once the run's up-front checks have passed (a refused run must leave an earlier
+        run's log alone). A fresh run starts a fresh metrics log. A resumed run keeps the rows its checkpoint
+        covers: every row before resume_step and the evaluations at resume_step (a checkpoint is saved after its
+        step's evaluations); rows of an abandoned timeline past it are dropped, so the log and the plot read as
+        one uninterrupted run. Then wandb, when --run is set."""
+        if not self.master:
             return
         if self.out_dir:
             self.out_dir.mkdir(parents=True, exist_ok=True)
-            if not resume and self.metrics_path.exists():
-                self.metrics_path.unlink()  # a fresh run starts a fresh log
-            elif resume and self.metrics_path.exists():
-                self.history = [json.loads(line) for line in self.metrics_path.read_text().splitlines() if line]
-        if run != "dummy":
+            if resume_step is None:
+                self.metrics_path.unlink(missing_ok=True)
+            elif self.metrics_path.exists():
+                rows = []
+                for line in self.metrics_path.read_text().splitlines():
+                    try:
+                        rows.append(json.loads(line))
+                    except ValueError:  # a row cut short by a crash mid-write (or a blank line): dropped
+                        pass
+                self.history = [r for r in rows if r.get("step", 0) < resume_step or
+                                (r.get("step") == resume_step and "train/loss" not in r)]
+                tmp = self.metrics_path.with_name(f".metrics.{os.getpid()}.jsonl")
+                tmp.write_text("".join(json.dumps(r) + "\n" for r in self.history))
+                os.replace(tmp, self.metrics_path)
+        if self.run != "dummy":
             try:
                 import wandb
             except ImportError:
                 from nanotrain.errors import UserError
                 raise UserError("--run needs the wandb package: `pip install wandb` (or leave --run out)")
-            self._wandb = wandb.init(project=project, name=run, config=config, resume="allow" if resume else None)
+            self._wandb = wandb.init(project=self.project, name=self.run, config=self.config,
+                                     resume="allow" if resume_step is not None else None)
 
     @property
     def metrics_path(self) -> Path:

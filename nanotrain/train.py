@@ -165,7 +165,7 @@ def train(cfg: TrainConfig) -> LoopState:
     ckpt_dir = checkpoint_dir(cfg.tag, cfg.base_dir)
     resuming = cfg.resume_from_step != -1
     resume_step = checkpoint.resolve_step(ckpt_dir, cfg.resume_from_step) if resuming else None
-    mon = Monitor(master=rt.master, run=cfg.run, out_dir=ckpt_dir, config=cfg.to_dict(), resume=resuming)
+    mon = Monitor(master=rt.master, run=cfg.run, out_dir=ckpt_dir, config=cfg.to_dict())  # prints; files at start()
     mon.print(f"nanotrain {__version__} | torch {torch.__version__} | {rt.world_size} rank(s)")
     peak = describe_device(rt, mon)
     if cfg.fp8:
@@ -256,12 +256,14 @@ def train(cfg: TrainConfig) -> LoopState:
         distributed.barrier()
         bundle_dir = ensure_eval_bundle(cfg.base_dir, bundle_dir=cfg.eval_bundle_dir)
 
+    mon.start(resume_step)  # every up-front check has passed: now the metrics log and wandb
     autocast = autocast_for(rt.device)
     eval_context = fp8_off(orig_model)
     num_iterations = plan.num_iterations
     grad_accum = plan.grad_accum_steps
     device_batch_size = cfg.device_batch_size
     first_step = state.step
+    evaluated_step = first_step if resuming else -1  # a checkpoint is saved after its step's val bpb
     skip_timing = min(10, num_iterations // 10)  # the first steps include compilation and warm-up
     train_iter = iter(train_loader)
     # the batch the next step trains on: drawn now, or the one a checkpoint held back for exactly this step
@@ -273,10 +275,11 @@ def train(cfg: TrainConfig) -> LoopState:
             last_step = step == num_iterations
             flops_so_far = plan.flops_per_token * plan.total_batch_size * step
 
-            if cfg.eval_every > 0 and (last_step or step % cfg.eval_every == 0):
+            if cfg.eval_every > 0 and step != evaluated_step and (last_step or step % cfg.eval_every == 0):
                 evaluate_val_bpb(cfg, rt, orig_model, make_val_loader, token_bytes, state, mon, autocast,
                                  eval_context, flops_so_far)
                 mon.plot()
+                evaluated_step = step
             if bundle_dir is not None and (last_step or (step > first_step and step % cfg.core_metric_every == 0)):
                 evaluate_core_metric(cfg, rt, orig_model, tokenizer, bundle_dir, state, mon, autocast,
                                      eval_context, flops_so_far)

@@ -231,3 +231,27 @@ def test_resume_with_a_changed_lr_uses_the_new_lr(tiny_base_dir, monkeypatch):
     seen.clear()
     assert run(tiny_base_dir, "lr-fresh", "--num-iterations=3", *quiet, *changed) == 0
     assert resumed == seen[-1]
+
+
+def test_resume_from_an_older_step_rewrites_the_metrics_log_without_duplicates(tiny_base_dir):
+    quiet = ["--num-iterations=6", "--eval-every=3", "--save-every=3", "--sample-every=-1"]
+    assert run(tiny_base_dir, "log-straight", *quiet) == 0
+    assert run(tiny_base_dir, "log-resumed", *quiet) == 0
+    with open(tiny_base_dir / "base_checkpoints" / "log-resumed" / "metrics.jsonl", "a") as f:
+        f.write('{"step": 6, "train/lo')  # a row cut short by a kill mid-write must not block the resume
+    # go back to step 3: the log must read as one uninterrupted run (the plot draws it), not two timelines
+    assert run(tiny_base_dir, "log-resumed", *quiet, "--resume-from-step=3") == 0
+    straight, resumed = metrics(tiny_base_dir, "log-straight"), metrics(tiny_base_dir, "log-resumed")
+    assert [r["step"] for r in resumed if "train/loss_raw" in r] == list(range(6))
+    assert [r["step"] for r in resumed if "val/bpb" in r] == [0, 3, 6]
+    for key in ("train/loss_raw", "val/bpb"):
+        assert [r[key] for r in resumed if key in r] == [r[key] for r in straight if key in r], key
+
+
+def test_a_refused_run_leaves_the_earlier_runs_files_alone(tiny_base_dir):
+    assert run(tiny_base_dir, "keep-log", "--num-iterations=2", "--eval-every=-1", "--sample-every=-1") == 0
+    log = tiny_base_dir / "base_checkpoints" / "keep-log" / "metrics.jsonl"
+    before = log.read_text()
+    assert before
+    assert run(tiny_base_dir, "keep-log", "--num-iterations=2", "--fp8") == 2  # refused before any work
+    assert log.read_text() == before
