@@ -7,8 +7,8 @@ older than the window), so the cache simply keeps every position. `naive_generat
 full sequence every step: slow, obviously right, and the reference the engine is tested against.
 
 Sampling: temperature 0 is greedy argmax (deterministic); otherwise logits / temperature, optionally
-restricted to the top_k largest, sampled with a torch.Generator seeded by `seed`, so a given seed
-always draws the same tokens.
+restricted to the top_k largest (top_k None or <= 0: no restriction), sampled with a torch.Generator
+seeded by `seed`, so a given seed always draws the same tokens.
 """
 from __future__ import annotations
 
@@ -40,7 +40,7 @@ def sample_next(logits: Tensor, temperature: float, top_k: int | None, generator
     if temperature == 0.0:
         return logits.argmax(dim=-1)
     logits = logits.float() / temperature
-    if top_k is not None and top_k < logits.size(-1):
+    if top_k is not None and 0 < top_k < logits.size(-1):  # top_k <= 0 means no restriction (nanochat's rule)
         kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (B, 1)
         logits = logits.masked_fill(logits < kth, float("-inf"))
     probs = torch.softmax(logits, dim=-1)

@@ -115,3 +115,12 @@ def test_stop_token_and_sample_text(model):
         completion = [t for t in naive_generate(model, ids, 6, 0.0)]
         completion = completion[:completion.index(256)] if 256 in completion else completion
         assert text == tok.decode(ids[1:] + completion)
+
+
+def test_top_k_zero_or_negative_means_no_restriction():
+    """top_k=0 (and below) switches top-k off, as in nanochat: the same draws as top_k=None, not a crash."""
+    logits = torch.randn(3, 11)
+    for k in (0, -1):
+        a = [sample_next(logits, 0.9, k, torch.Generator().manual_seed(s)).tolist() for s in range(20)]
+        b = [sample_next(logits, 0.9, None, torch.Generator().manual_seed(s)).tolist() for s in range(20)]
+        assert a == b
