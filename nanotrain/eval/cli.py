@@ -102,6 +102,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     evals = parse_evals(args.eval)
     if args.device_batch_size < 1:
         raise UserError(f"--device-batch-size must be >= 1, got {args.device_batch_size}")
+    if args.max_per_task == 0 or args.max_per_task < -1:
+        raise UserError(f"--max-per-task is {args.max_per_task}; pass a positive number of rows per task, "
+                        f"or -1 for all of them")
     _check_checkpoint(args.model_tag, args.step, args.base_dir)
     bundle = None
     if "core" in evals:  # fail on a missing bundle before the (slow) model load

@@ -475,6 +475,8 @@ def evaluate_core(model: torch.nn.Module, tokenizer: Any, device: torch.device |
     "num_examples": {label: n}, "core_metric": mean centered accuracy, "seconds": wall time}.
     """
     t0 = time.perf_counter()
+    if max_per_task == 0:  # 0 rows would score every task 0 and report a negative CORE
+        raise UserError("max_per_task is 0; pass a positive number of rows per task, or -1 for all of them")
     device = torch.device(device)
     bundle = Path(bundle_dir) if bundle_dir is not None else ensure_eval_bundle(base_dir)
     task_list = load_tasks(bundle, tasks)

@@ -91,6 +91,7 @@ def test_cli_default_report_path_and_step(base, monkeypatch):
     (["--model-tag", "tiny", "--step", "99"], "no checkpoint for step 99.*steps found: 7"),
     (["--model-tag", "tiny", "--eval", "core,perplexity"], "unknown evaluation.*perplexity"),
     (["--model-tag", "tiny", "--eval", "core", "--bundle-dir", "/nonexistent/bundle"], "not a CORE eval bundle"),
+    (["--model-tag", "tiny", "--eval", "core", "--max-per-task", "0"], "--max-per-task.*-1"),
 ])
 def test_cli_user_errors(base, capsys, monkeypatch, argv, message):
     monkeypatch.delenv("NANOTRAIN_EVAL_BUNDLE", raising=False)

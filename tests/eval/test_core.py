@@ -209,3 +209,9 @@ def test_crop_keeps_a_shared_context_when_it_can():
     starts, ends = [2, 2], [9, 3]
     core._crop_left(rows, starts, ends, 4)
     assert rows == [[6, 7, 8, 9], [1, 2, 9]] and starts == [1, 2] and ends == [4, 3]
+
+
+def test_max_per_task_zero_is_refused(bundle):
+    """0 rows would score every task 0 and report a meaningless (negative) CORE: refuse it, name the fix."""
+    with pytest.raises(UserError, match="max_per_task.*-1"):
+        evaluate_core(BigramLM(oracle_table()), ByteTokenizer(), "cpu", bundle_dir=bundle, max_per_task=0)
