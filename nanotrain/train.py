@@ -314,7 +314,7 @@ def train(cfg: TrainConfig) -> LoopState:
             apply_schedules(optimizer, plan, step, cfg)
             optimizer.step()
             orig_model.zero_grad(set_to_none=True)
-            loss_f = loss.item()
+            loss_f = distributed.all_reduce_sum(loss).item() / rt.world_size  # every rank sees a NaN on any rank
             synchronize(rt)
             dt = time.time() - t0
 
@@ -357,14 +357,16 @@ def train(cfg: TrainConfig) -> LoopState:
 
 def train_micro_steps(model, x, y, train_iter, grad_accum: int, autocast):
     """Forward/backward over grad_accum micro-batches (gradients summed, loss averaged).
-    Returns the last micro-batch's loss and the next (x, y), fetched while the device works."""
-    loss = None
+    Returns the mean loss of the micro-batches (non-finite when any of them was: its gradients are in this
+    step) and the next (x, y), fetched while the device works."""
+    total = 0.0
     for _ in range(grad_accum):
         with autocast():
             loss = model(x, y)
         (loss / grad_accum).backward()
+        total = total + loss.detach()
         x, y = next(train_iter)
-    return loss.detach(), x, y
+    return total / grad_accum, x, y
 
 
 def lr_multiplier_at(step: int, num_iterations: int, cfg: TrainConfig) -> float:

@@ -168,3 +168,35 @@ def test_torchrun_trains_saves_resumes_and_rank0_alone_writes(tiny_base_dir, cap
     code = train.main([*TINY, f"--base-dir={base}", f"--model-tag={tag}", "--resume-from-step=latest"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and err[0].startswith("error: cannot resume") and "2 processes" in err[0], err
+
+
+NAN_ON_RANK1 = """
+import sys
+from nanotrain import distributed, model as gpt, train
+
+real, calls = gpt.GPT.forward, {"n": 0}
+
+def forward(self, idx, targets=None, *args, **kwargs):
+    out = real(self, idx, targets, *args, **kwargs)
+    if targets is not None and self.training:
+        calls["n"] += 1
+        if calls["n"] == 3 and distributed.get_rank() == 1:  # step 2's micro-batch, on rank 1 only
+            out = out * float("nan")
+    return out
+
+gpt.GPT.forward = forward
+sys.exit(train.main(sys.argv[1:]))
+"""
+
+
+def test_torchrun_a_nan_on_one_rank_stops_every_rank_at_that_step(tiny_base_dir, tmp_path):
+    script = tmp_path / "nan_on_rank1.py"
+    script.write_text(NAN_ON_RANK1)
+    tag = "torchrun-nan"
+    proc = torchrun([str(script), *TINY, f"--base-dir={tiny_base_dir}", f"--model-tag={tag}", "--save-every=2",
+                     "--eval-every=-1"], timeout=120)
+    assert proc.returncode != 0
+    # both ranks stop with the message at step 2 (not rank 1 alone, leaving rank 0 in a collective)
+    assert proc.stderr.count("stopped: training loss became nan at step 2") == 2, proc.stderr[-3000:]
+    assert "RuntimeError" not in proc.stderr, proc.stderr[-3000:]  # rank 0 was left in a collective with a dead peer
+    assert checkpoint.list_steps(tiny_base_dir / "base_checkpoints" / tag) == [2]

@@ -255,3 +255,34 @@ def test_a_refused_run_leaves_the_earlier_runs_files_alone(tiny_base_dir):
     assert before
     assert run(tiny_base_dir, "keep-log", "--num-iterations=2", "--fp8") == 2  # refused before any work
     assert log.read_text() == before
+
+
+def _poison_forward(monkeypatch, call: int):
+    """Make the `call`-th training forward (1-based, counting micro-batches) return a NaN loss."""
+    from nanotrain import model as gpt
+
+    real = gpt.GPT.forward
+    calls = {"n": 0}
+
+    def forward(self, idx, targets=None, *args, **kwargs):
+        out = real(self, idx, targets, *args, **kwargs)
+        if targets is not None and self.training:
+            calls["n"] += 1
+            if calls["n"] == call:
+                out = out * float("nan")
+        return out
+
+    monkeypatch.setattr(gpt.GPT, "forward", forward)
+
+
+def test_a_nan_in_an_early_micro_batch_stops_before_a_poisoned_save(tiny_base_dir, monkeypatch, capsys):
+    # 2 micro-batches a step: call 7 is step 3's first micro-batch; its NaN gradients poison the weights, so
+    # the checkpoint at step 4 must not be written as "good"
+    _poison_forward(monkeypatch, 7)
+    code = run(tiny_base_dir, "nan-micro", "--num-iterations=10", "--save-every=2", "--eval-every=-1",
+               "--sample-every=-1")
+    err = capsys.readouterr().err
+    assert code == 3, err
+    assert "at step 3" in err and "(step 2)" in err
+    ckpt_dir = tiny_base_dir / "base_checkpoints" / "nan-micro"
+    assert checkpoint.list_steps(ckpt_dir) == [2]
