@@ -15,7 +15,10 @@ each of the `num_fewshot` examples is "<prompt><delimiter><answer>\\n\\n", then 
 of each task are shuffled with a fixed seed; the few-shot examples of row i are drawn with a seed
 that depends on i, from the whole task except row i. Unlike nanochat they are drawn from the whole
 task even when `max_per_task` keeps fewer rows, so a truncated run scores each kept row exactly as a
-full run would (and max_per_task smaller than num_fewshot + 1 works).
+full run would (and max_per_task smaller than num_fewshot + 1 works). Rows longer than the model's
+sequence_len are cropped from the left (DCLM's llm-foundry also trims the context to its max_seq_len),
+whereas nanochat runs its own GPT on the whole row. Many squad, boolq and bigbench_language_identification
+rows exceed 2048 tokens, so with a short sequence_len those three tasks can score differently from nanochat.
 
 The bundle layout (nanochat's eval_bundle): core.yaml (key `icl_tasks`), eval_data/<category>/*.jsonl,
 eval_meta_data.csv (columns `Eval Task`, `Random baseline`). `ensure_eval_bundle` finds or downloads it.
