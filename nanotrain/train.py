@@ -12,10 +12,12 @@ import contextlib
 import gc
 import itertools
 import math
+import os
+import shlex
 import signal
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 
@@ -268,6 +270,7 @@ def train(cfg: TrainConfig) -> LoopState:
     train_iter = iter(train_loader)
     # the batch the next step trains on: drawn now, or the one a checkpoint held back for exactly this step
     x, y = next(train_iter) if batch is None else (batch["x"].to(rt.device), batch["y"].to(rt.device))
+    start_state = train_loader.state_dict()  # the stream just after (x, y): an out-of-memory restart goes on from here
 
     with StopSignals() as stop:
         while True:
@@ -293,8 +296,9 @@ def train(cfg: TrainConfig) -> LoopState:
                 path = save(ckpt_dir, cfg, rt, orig_model, optimizer, train_loader, (x, y), state, meta)
                 mon.print(f"Saved checkpoint: {path}")
             if stopping:
+                hint = resume_hint(replace(cfg, device_batch_size=device_batch_size))  # as the checkpoint has it
                 mon.print(f"Stopped by {stop.requested or 'a signal on another rank'} at step {step}. "
-                          f"Resume with: nanotrain {resume_hint(cfg)} --resume-from-step=latest")
+                          f"Resume with: {launch_command(rt)} {hint} --resume-from-step=latest")
                 break
             if last_step:
                 break
@@ -307,8 +311,10 @@ def train(cfg: TrainConfig) -> LoopState:
             except torch.OutOfMemoryError:
                 if step != first_step:
                     raise
+                loss = None  # handled below: this block's traceback holds the failed step's activations
+            if loss is None:
                 device_batch_size, grad_accum, train_loader, train_iter, x, y = handle_first_step_oom(
-                    cfg, rt, orig_model, optimizer, device_batch_size, grad_accum, make_train_loader, mon)
+                    cfg, rt, orig_model, device_batch_size, grad_accum, x, y, make_train_loader, start_state, mon)
                 meta["train_config"]["device_batch_size"] = device_batch_size  # a resume must use it too
                 continue
             apply_schedules(optimizer, plan, step, cfg)
@@ -479,7 +485,7 @@ def diverged_message(ckpt_dir, step: int, loss: float) -> str:
 
 
 def resume_hint(cfg: TrainConfig) -> str:
-    """The options of this run, for the resume command we print."""
+    """The options of this run, for the resume command we print (quoted for a shell)."""
     defaults = TrainConfig.__dataclass_fields__
     parts = []
     for name, f in defaults.items():
@@ -487,8 +493,19 @@ def resume_hint(cfg: TrainConfig) -> str:
         if name == "resume_from_step" or value == f.default:
             continue
         flag = "--" + name.replace("_", "-")
-        parts.append(flag if value is True else f"{flag}={value}")
+        parts.append(flag if value is True else f"{flag}={shlex.quote(str(value))}")
     return " ".join(parts)
+
+
+def launch_command(rt: Runtime) -> str:
+    """How this run was launched, for the resume command: a resume needs the same number of processes."""
+    if not rt.distributed:
+        return "nanotrain"
+    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", rt.world_size))
+    nodes = rt.world_size // per_node
+    if nodes == 1:
+        return f"torchrun --nproc_per_node={per_node} -m nanotrain"
+    return f"torchrun --nnodes={nodes} --nproc_per_node={per_node} <this run's rendezvous options> -m nanotrain"
 
 
 def synchronize(rt: Runtime) -> None:
@@ -496,33 +513,37 @@ def synchronize(rt: Runtime) -> None:
         torch.cuda.synchronize(rt.device)
 
 
-def handle_first_step_oom(cfg, rt, model, optimizer, device_batch_size, grad_accum, make_train_loader, mon):
-    """Out of memory on the first step: with --oom-auto-batch halve the device batch (doubling the
-    accumulation so the total batch is unchanged) and go on; otherwise say which batch fits and stop."""
+def handle_first_step_oom(cfg, rt, model, device_batch_size, grad_accum, x, y, make_train_loader, start_state, mon):
+    """Out of memory on the first step: with --oom-auto-batch lower the device batch to its largest divisor up to
+    half (raising the accumulation so the total batch is unchanged) and go on; otherwise say which batch fits and
+    stop. (x, y) is the step's first batch and start_state the loader's state just after it: the step trains on
+    that batch cut into smaller micro-batches, then the stream goes on from there (nothing repeated or skipped,
+    on a resume too). Call it outside the `except` block, whose traceback holds the failed step's tensors."""
     model.zero_grad(set_to_none=True)
     gc.collect()
     torch.cuda.empty_cache()
-    if device_batch_size == 1:
+    smaller = [bs for bs in range(device_batch_size // 2, 0, -1) if device_batch_size % bs == 0]
+    if not smaller:
         raise RunStopped("out of memory even at --device-batch-size=1; use a smaller --depth or --max-seq-len", 4)
-    new_bs = device_batch_size // 2
     if not cfg.oom_auto_batch:
-        fits = largest_fitting_batch(model, new_bs, cfg.max_seq_len, rt, autocast_for(rt.device))
+        fits = largest_fitting_batch(model, smaller, cfg.max_seq_len, rt, autocast_for(rt.device))
         hint = (f"--device-batch-size={fits} fits" if fits else "even --device-batch-size=1 does not fit")
         raise RunStopped(f"out of memory at --device-batch-size={device_batch_size}: {hint} (the total batch is kept "
-                         "by gradient accumulation); or pass --oom-auto-batch to halve it automatically", 4)
-    mon.warn(f"out of memory at --device-batch-size={device_batch_size}: halving to {new_bs} and doubling "
-             f"gradient accumulation to {grad_accum * 2} (the total batch is unchanged)")
-    loader = make_train_loader(new_bs)
-    it = iter(loader)
+                         "by gradient accumulation); or pass --oom-auto-batch to lower it automatically", 4)
+    new_bs = smaller[0]
+    factor = device_batch_size // new_bs
+    mon.warn(f"out of memory at --device-batch-size={device_batch_size}: lowering it to {new_bs} and raising "
+             f"gradient accumulation from {grad_accum} to {grad_accum * factor} (the total batch is unchanged)")
+    loader = make_train_loader(new_bs, start_state)
+    it = itertools.chain(zip(x.split(new_bs), y.split(new_bs)), loader)
     x, y = next(it)
-    return new_bs, grad_accum * 2, loader, it, x, y
+    return new_bs, grad_accum * factor, loader, it, x, y
 
 
-def largest_fitting_batch(model, start: int, seq_len: int, rt: Runtime, autocast) -> int | None:
-    """The largest power-of-two batch <= start for which one forward/backward fits in memory."""
-    bs = start
+def largest_fitting_batch(model, candidates: list[int], seq_len: int, rt: Runtime, autocast) -> int | None:
+    """The first (largest) of the candidate batch sizes for which one forward/backward fits in memory."""
     vocab = model.config.vocab_size
-    while bs >= 1:
+    for bs in candidates:
         try:
             x = torch.randint(0, vocab, (bs, seq_len), device=rt.device)
             with autocast():
@@ -530,10 +551,10 @@ def largest_fitting_batch(model, start: int, seq_len: int, rt: Runtime, autocast
             model.zero_grad(set_to_none=True)
             return bs
         except torch.OutOfMemoryError:
-            model.zero_grad(set_to_none=True)
-            gc.collect()
-            torch.cuda.empty_cache()
-            bs //= 2
+            pass
+        model.zero_grad(set_to_none=True)  # outside the except block, which holds the failed pass's tensors
+        gc.collect()
+        torch.cuda.empty_cache()
     return None
 
 

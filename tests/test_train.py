@@ -138,14 +138,15 @@ def test_kernel_table_lists_every_op(capsys):
 
 def _oom_on_first_call(monkeypatch):
     real = train.train_micro_steps
-    calls = {"n": 0, "batch_sizes": []}
+    calls = {"n": 0, "batch_sizes": [], "tokens": []}
 
-    def flaky(model, x, y, *args, **kwargs):
+    def flaky(model, x, y, train_iter, grad_accum, *args, **kwargs):
         calls["n"] += 1
         calls["batch_sizes"].append(x.shape[0])
+        calls["tokens"].append(x.numel() * grad_accum)  # tokens of the step (every micro-batch is x's size)
         if calls["n"] == 1:
             raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
-        return real(model, x, y, *args, **kwargs)
+        return real(model, x, y, train_iter, grad_accum, *args, **kwargs)
 
     monkeypatch.setattr(train, "train_micro_steps", flaky)
     return calls
@@ -163,7 +164,7 @@ def test_first_step_oom_with_auto_batch_halves_and_keeps_the_total(tiny_base_dir
     calls = _oom_on_first_call(monkeypatch)
     assert run(tiny_base_dir, "oom-auto", "--num-iterations=3", "--eval-every=-1", "--sample-every=-1",
                "--oom-auto-batch") == 0
-    assert "halving to 2 and doubling gradient accumulation to 4" in capsys.readouterr().err
+    assert "lowering it to 2 and raising gradient accumulation from 2 to 4" in capsys.readouterr().err
     assert calls["batch_sizes"] == [4, 2, 2, 2]  # 512 tokens a step = 4 micro-steps of 2 x 64 after the halving
     meta = checkpoint.read_meta(tiny_base_dir / "base_checkpoints" / "oom-auto")
     assert meta["train_config"]["device_batch_size"] == 2
@@ -286,3 +287,97 @@ def test_a_nan_in_an_early_micro_batch_stops_before_a_poisoned_save(tiny_base_di
     assert "at step 3" in err and "(step 2)" in err
     ckpt_dir = tiny_base_dir / "base_checkpoints" / "nan-micro"
     assert checkpoint.list_steps(ckpt_dir) == [2]
+
+
+def test_first_step_oom_probe_runs_after_the_failed_step_is_released(tiny_base_dir, monkeypatch):
+    # the except block's traceback holds the failed step's frames (on a GPU: its activations); probing which
+    # batch fits while they are alive finds less memory than the run will have
+    import weakref
+
+    held = []
+
+    def failing(model, x, y, *args, **kwargs):
+        activations = torch.randn(1000)  # stands for the tensors of the failed forward
+        held.append(weakref.ref(activations))
+        raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+
+    alive = []
+
+    def probe(model, candidates, *args, **kwargs):
+        alive.append(held[0]() is not None)
+        return candidates[0] if isinstance(candidates, list) else candidates
+
+    monkeypatch.setattr(train, "train_micro_steps", failing)
+    monkeypatch.setattr(train, "largest_fitting_batch", probe)
+    assert run(tiny_base_dir, "oom-release", "--num-iterations=2", "--eval-every=-1", "--sample-every=-1") == 4
+    assert alive == [False]
+
+
+def _record_training_rows(monkeypatch) -> list:
+    """The input rows of every training forward, in order."""
+    from nanotrain import model as gpt
+
+    real, rows = gpt.GPT.forward, []
+
+    def forward(self, idx, targets=None, *args, **kwargs):
+        if targets is not None and self.training:
+            rows.append(idx.clone())
+        return real(self, idx, targets, *args, **kwargs)
+
+    monkeypatch.setattr(gpt.GPT, "forward", forward)
+    return rows
+
+
+def test_first_step_oom_on_resume_continues_the_data_stream(tiny_base_dir, monkeypatch):
+    quiet = ["--num-iterations=3", "--eval-every=-1", "--sample-every=-1", "--save-every=2"]
+    rows = _record_training_rows(monkeypatch)
+    assert run(tiny_base_dir, "oom-resume", *quiet) == 0
+    straight = list(rows)  # 2 micro-batches of 4 rows a step
+    rows.clear()
+    _oom_on_first_call(monkeypatch)
+    assert run(tiny_base_dir, "oom-resume", *quiet, "--resume-from-step=2", "--oom-auto-batch") == 0
+    # step 2 trains on the batch the checkpoint held back, cut in two, then the stream goes on from there
+    assert torch.equal(rows[0], straight[4][:2]) and torch.equal(rows[1], straight[4][2:])
+    assert not any(torch.equal(r, straight[0][:2]) for r in rows), "the data stream started over"
+
+
+def test_first_step_oom_with_auto_batch_keeps_the_total_for_an_odd_batch(tiny_base_dir, monkeypatch, capsys):
+    calls = _oom_on_first_call(monkeypatch)
+    assert run(tiny_base_dir, "oom-odd", "--num-iterations=2", "--eval-every=-1", "--sample-every=-1",
+               "--oom-auto-batch", "--device-batch-size=3", "--total-batch-size=384") == 0
+    assert "lowering it to 1 and raising gradient accumulation from 2 to 6" in capsys.readouterr().err
+    assert calls["tokens"] == [384, 384, 384]  # 3 rows would not halve: 1 row x 6, not 1 row x 4
+
+
+def test_resume_command_printed_after_an_oom_halving_resumes(tiny_base_dir, monkeypatch, capsys):
+    import shlex
+
+    calls = _oom_on_first_call(monkeypatch)
+    real = train.train_micro_steps
+
+    def stop_at_step_2(*args, **kwargs):
+        if calls["n"] == 2:
+            os.kill(os.getpid(), signal.SIGTERM)  # a spot preemption during step 1
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train, "train_micro_steps", stop_at_step_2)
+    assert run(tiny_base_dir, "oom-stop", "--num-iterations=4", "--eval-every=-1", "--sample-every=-1",
+               "--oom-auto-batch") == 0
+    out = capsys.readouterr().out
+    command = shlex.split(out.split("Resume with: ")[1].splitlines()[0])
+    assert command[0] == "nanotrain" and "--device-batch-size=2" in command
+    monkeypatch.setattr(train, "train_micro_steps", real)
+    assert train.main(command[1:]) == 0, capsys.readouterr().err
+    assert checkpoint.latest_step(tiny_base_dir / "base_checkpoints" / "oom-stop") == 4
+
+
+def test_resume_command_names_the_launch(monkeypatch):
+    # a checkpoint of N processes resumes only on N processes: the printed command must say so
+    from nanotrain.distributed import Runtime
+
+    cpu = torch.device("cpu")
+    assert train.launch_command(Runtime(cpu)) == "nanotrain"
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    assert train.launch_command(Runtime(cpu, rank=3, local_rank=3, world_size=8)) == \
+        "torchrun --nproc_per_node=8 -m nanotrain"
+    assert "torchrun --nnodes=2 --nproc_per_node=8 " in train.launch_command(Runtime(cpu, world_size=16))
