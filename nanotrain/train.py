@@ -43,6 +43,7 @@ class LoopState:
     step: int = 0
     smooth_loss: float = 0.0
     val_bpb: float | None = None
+    val_bpb_step: int = -1  # the step val_bpb was measured at (a resume does not measure it again)
     min_val_bpb: float = float("inf")
     total_training_time: float = 0.0
     timed_steps: int = 0
@@ -265,7 +266,6 @@ def train(cfg: TrainConfig) -> LoopState:
     grad_accum = plan.grad_accum_steps
     device_batch_size = cfg.device_batch_size
     first_step = state.step
-    evaluated_step = first_step if resuming else -1  # a checkpoint is saved after its step's val bpb
     skip_timing = min(10, num_iterations // 10)  # the first steps include compilation and warm-up
     train_iter = iter(train_loader)
     # the batch the next step trains on: drawn now, or the one a checkpoint held back for exactly this step
@@ -278,19 +278,22 @@ def train(cfg: TrainConfig) -> LoopState:
             last_step = step == num_iterations
             flops_so_far = plan.flops_per_token * plan.total_batch_size * step
 
-            if cfg.eval_every > 0 and step != evaluated_step and (last_step or step % cfg.eval_every == 0):
+            # a stop request saves before any evaluation: a preempted machine gives seconds, evaluations can take
+            # minutes (the resumed run measures this step's val bpb)
+            stopping = step > first_step and stop.agreed(rt)
+            if (cfg.eval_every > 0 and not stopping and step != state.val_bpb_step
+                    and (last_step or step % cfg.eval_every == 0)):
                 evaluate_val_bpb(cfg, rt, orig_model, make_val_loader, token_bytes, state, mon, autocast,
                                  eval_context, flops_so_far)
                 mon.plot()
-                evaluated_step = step
-            if bundle_dir is not None and (last_step or (step > first_step and step % cfg.core_metric_every == 0)):
+            if bundle_dir is not None and not stopping and (last_step or (step > first_step and
+                                                                          step % cfg.core_metric_every == 0)):
                 evaluate_core_metric(cfg, rt, orig_model, tokenizer, bundle_dir, state, mon, autocast,
                                      eval_context, flops_so_far)
-            if cfg.sample_every > 0 and rt.master and (last_step or (step > first_step and
-                                                                     step % cfg.sample_every == 0)):
+            if cfg.sample_every > 0 and rt.master and not stopping and (last_step or (step > first_step and
+                                                                                      step % cfg.sample_every == 0)):
                 print_samples(orig_model, tokenizer, mon, autocast, eval_context)
 
-            stopping = step > first_step and stop.agreed(rt)
             periodic = cfg.save_every > 0 and step > first_step and step % cfg.save_every == 0
             if last_step or periodic or stopping:
                 path = save(ckpt_dir, cfg, rt, orig_model, optimizer, train_loader, (x, y), state, meta)
@@ -412,7 +415,7 @@ def evaluate_val_bpb(cfg, rt, model, make_val_loader, token_bytes, state, mon, a
     with eval_context(), autocast():
         bpb = evaluate_bpb(model, itertools.islice(iter(make_val_loader()), steps), steps, token_bytes)
     model.train()
-    state.val_bpb = bpb
+    state.val_bpb, state.val_bpb_step = bpb, state.step
     state.min_val_bpb = min(state.min_val_bpb, bpb)
     mon.print(f"Step {state.step:05d} | Validation bpb: {bpb:.6f}")
     mon.log({"step": state.step, "total_training_flops": flops_so_far,

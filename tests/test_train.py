@@ -381,3 +381,25 @@ def test_resume_command_names_the_launch(monkeypatch):
     assert train.launch_command(Runtime(cpu, rank=3, local_rank=3, world_size=8)) == \
         "torchrun --nproc_per_node=8 -m nanotrain"
     assert "torchrun --nnodes=2 --nproc_per_node=8 " in train.launch_command(Runtime(cpu, world_size=16))
+
+
+def test_a_stop_request_saves_before_the_evaluations_and_the_resume_runs_them(tiny_base_dir, monkeypatch, capsys):
+    # a preempted machine gives seconds: the save must not wait for the val bpb / CORE / samples of its step
+    real, calls = train.train_micro_steps, {"n": 0}
+
+    def stop_during_step_1(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train, "train_micro_steps", stop_during_step_1)
+    opts = ["--num-iterations=4", "--eval-every=2", "--sample-every=2"]
+    assert run(tiny_base_dir, "stop-first", *opts) == 0
+    out = capsys.readouterr().out
+    assert "Step 00002 | Validation bpb" not in out and "sample:" not in out
+    assert "Saved checkpoint" in out and checkpoint.latest_step(tiny_base_dir / "base_checkpoints" / "stop-first") == 2
+    monkeypatch.setattr(train, "train_micro_steps", real)
+    assert run(tiny_base_dir, "stop-first", *opts, "--resume-from-step=latest") == 0
+    assert "Step 00002 | Validation bpb" in capsys.readouterr().out  # measured by the resumed run
+    assert [r["step"] for r in metrics(tiny_base_dir, "stop-first") if "val/bpb" in r] == [0, 2, 4]
