@@ -403,3 +403,15 @@ def test_a_stop_request_saves_before_the_evaluations_and_the_resume_runs_them(ti
     assert run(tiny_base_dir, "stop-first", *opts, "--resume-from-step=latest") == 0
     assert "Step 00002 | Validation bpb" in capsys.readouterr().out  # measured by the resumed run
     assert [r["step"] for r in metrics(tiny_base_dir, "stop-first") if "val/bpb" in r] == [0, 2, 4]
+
+
+def test_corrupt_shard_is_one_clear_line_naming_a_fix_the_user_has(tiny_base_dir, tmp_path, capsys):
+    import shutil
+
+    for name in ("base_data", "tokenizer"):
+        shutil.copytree(tiny_base_dir / name, tmp_path / name)
+    (tmp_path / "base_data" / "shard_00001.parquet").write_bytes(b"not a parquet file")
+    assert train.main([*TINY, f"--base-dir={tmp_path}", "--num-iterations=2"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: corrupt or truncated parquet file"), err
+    assert "shard_00001.parquet" in err[0] and "skip_corrupt" not in err[0]  # not an option of nanotrain

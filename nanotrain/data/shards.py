@@ -82,7 +82,7 @@ def open_shard(path: Path) -> pq.ParquetFile:
         pf = pq.ParquetFile(path)
     except (OSError, pa.ArrowException) as e:
         raise UserError(f"corrupt or truncated parquet file {path} ({_short(e)}); delete it and fetch or "
-                        "build it again, or pass skip_corrupt to skip it") from None
+                        "build it again") from None
     if pf.schema_arrow.get_field_index("text") < 0:
         raise UserError(f"shard {path} has no `text` column (columns: {', '.join(pf.schema_arrow.names)}); "
                         "shards need one document per row in a `text` column")
@@ -104,7 +104,7 @@ def read_row_group(pf: pq.ParquetFile, index: int, path: Path) -> list[str]:
         table = pf.read_row_group(index, columns=["text"])
     except (OSError, pa.ArrowException) as e:
         raise UserError(f"corrupt parquet file {path}: row group {index} is unreadable ({_short(e)}); "
-                        "delete it and fetch or build it again, or pass skip_corrupt to skip it") from None
+                        "delete it and fetch or build it again") from None
     return [t or "" for t in table.column("text").to_pylist()]
 
 
