@@ -189,7 +189,8 @@ HELP = {
     "seed": "random seed of the weights init",
     "keep_last": "keep only the newest N checkpoints (-1 = keep all)",
     "compile": "torch.compile the model: auto (CUDA, and CPU runs of 200+ steps), on, off",
-    "oom_auto_batch": "on out-of-memory at the first step, halve --device-batch-size and keep the total batch",
+    "oom_auto_batch": "on out-of-memory at the first step, halve --device-batch-size (or lower it to a divisor) and "
+                      "keep the total batch",
     "eval_bundle_dir": "folder of the CORE eval bundle (default: <base-dir>/eval_bundle, downloaded on first use)",
 }
 
