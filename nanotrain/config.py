@@ -65,6 +65,7 @@ class TrainConfig:
     keep_last: int = -1
     compile: str = "auto"
     oom_auto_batch: bool = False
+    overwrite: bool = False
     eval_bundle_dir: str | None = None
 
     def __post_init__(self) -> None:
@@ -191,6 +192,7 @@ HELP = {
     "compile": "torch.compile the model: auto (CUDA, and CPU runs of 200+ steps), on, off",
     "oom_auto_batch": "on out-of-memory at the first step, halve --device-batch-size (or lower it to a divisor) and "
                       "keep the total batch",
+    "overwrite": "start fresh in a --model-tag that has checkpoints (its folder is renamed aside, not deleted)",
     "eval_bundle_dir": "folder of the CORE eval bundle (default: <base-dir>/eval_bundle, downloaded on first use)",
 }
 

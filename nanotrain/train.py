@@ -168,6 +168,8 @@ def train(cfg: TrainConfig) -> LoopState:
     ckpt_dir = checkpoint_dir(cfg.tag, cfg.base_dir)
     resuming = cfg.resume_from_step != -1
     resume_step = checkpoint.resolve_step(ckpt_dir, cfg.resume_from_step) if resuming else None
+    if not resuming:
+        check_fresh_start(ckpt_dir, cfg)
     mon = Monitor(master=rt.master, run=cfg.run, out_dir=ckpt_dir, config=cfg.to_dict())  # prints; files at start()
     mon.print(f"nanotrain {__version__} | torch {torch.__version__} | {rt.world_size} rank(s)")
     peak = describe_device(rt, mon)
@@ -259,6 +261,8 @@ def train(cfg: TrainConfig) -> LoopState:
         distributed.barrier()
         bundle_dir = ensure_eval_bundle(cfg.base_dir, bundle_dir=cfg.eval_bundle_dir)
 
+    if not resuming and cfg.overwrite:
+        move_aside(ckpt_dir, rt, mon)
     mon.start(resume_step)  # every up-front check has passed: now the metrics log and wandb
     autocast = autocast_for(rt.device)
     eval_context = fp8_off(orig_model)
@@ -478,6 +482,28 @@ def save(ckpt_dir, cfg, rt, model, optimizer, train_loader, batch, state: LoopSt
         keep_last=cfg.keep_last if cfg.keep_last > 0 else None)
 
 
+def check_fresh_start(ckpt_dir, cfg: TrainConfig) -> None:
+    """A fresh run must not overwrite or prune another run's checkpoints: refuse unless --overwrite."""
+    from nanotrain.checkpoint import list_steps
+
+    steps = list_steps(ckpt_dir)
+    if steps and not cfg.overwrite:
+        raise UserError(f"--model-tag {cfg.tag} already has checkpoints (steps {', '.join(map(str, steps))}) in "
+                        f"{ckpt_dir}; resume with --resume-from-step=latest, choose another --model-tag, or pass "
+                        "--overwrite to start over (the old folder is kept under a new name)")
+
+
+def move_aside(ckpt_dir, rt: Runtime, mon: Monitor) -> None:
+    """--overwrite: rename the tag's folder to <tag>.replaced-<time> (nothing is deleted)."""
+    from nanotrain.checkpoint import list_steps
+
+    if rt.master and list_steps(ckpt_dir):
+        aside = ckpt_dir.with_name(f"{ckpt_dir.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
+        ckpt_dir.rename(aside)
+        mon.warn(f"--overwrite: moved the earlier checkpoints of {ckpt_dir.name} to {aside}")
+    distributed.barrier()
+
+
 def diverged_message(ckpt_dir, step: int, loss: float) -> str:
     from nanotrain.checkpoint import latest_step
 
@@ -493,7 +519,7 @@ def resume_hint(cfg: TrainConfig) -> str:
     parts = []
     for name, f in defaults.items():
         value = getattr(cfg, name)
-        if name == "resume_from_step" or value == f.default:
+        if name in ("resume_from_step", "overwrite") or value == f.default:
             continue
         flag = "--" + name.replace("_", "-")
         parts.append(flag if value is True else f"{flag}={shlex.quote(str(value))}")

@@ -8,4 +8,4 @@ nanotrain-data sample
 nanotrain-data tokenizer --vocab-size 4096
 nanotrain --device-type=cpu --depth=4 --max-seq-len=256 --window-pattern=L \
   --device-batch-size=8 --total-batch-size=8192 --num-iterations="$STEPS" \
-  --eval-every=50 --eval-tokens=131072 --core-metric-every=-1 --sample-every="$STEPS" "$@"
+  --eval-every=50 --eval-tokens=131072 --core-metric-every=-1 --sample-every="$STEPS" --overwrite "$@"

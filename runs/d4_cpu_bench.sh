@@ -6,4 +6,4 @@ nanotrain-data sample
 nanotrain-data tokenizer --vocab-size 4096
 nanotrain --device-type=cpu --depth=4 --max-seq-len=256 --window-pattern=L --device-batch-size=32 \
   --total-batch-size=8192 --num-iterations=300 --eval-every=50 --eval-tokens=131072 --core-metric-every=-1 \
-  --sample-every=300 --model-tag=d4bench --compile=off "$@"
+  --sample-every=300 --model-tag=d4bench --compile=off --overwrite "$@"
