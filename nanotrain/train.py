@@ -319,6 +319,8 @@ def train(cfg: TrainConfig) -> LoopState:
                 if step != first_step:
                     raise
                 loss = None  # handled below: this block's traceback holds the failed step's activations
+            if step == first_step and rt.distributed and ran_out_of_memory_anywhere(loss is None, rt):
+                loss = None  # every rank lowers its batch together (one rank alone would hang the others)
             if loss is None:
                 device_batch_size, grad_accum, train_loader, train_iter, x, y = handle_first_step_oom(
                     cfg, rt, orig_model, device_batch_size, grad_accum, x, y, make_train_loader, start_state, mon)
@@ -540,6 +542,12 @@ def launch_command(rt: Runtime) -> str:
 def synchronize(rt: Runtime) -> None:
     if rt.device_type == "cuda":
         torch.cuda.synchronize(rt.device)
+
+
+def ran_out_of_memory_anywhere(here: bool, rt: Runtime) -> bool:
+    """Whether any rank ran out of memory in this step (all ranks must take the same path)."""
+    flag = torch.tensor([1.0 if here else 0.0], device=rt.device)
+    return bool(distributed.all_reduce_max(flag).item() > 0)
 
 
 def handle_first_step_oom(cfg, rt, model, device_batch_size, grad_accum, x, y, make_train_loader, start_state, mon):

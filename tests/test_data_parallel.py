@@ -200,3 +200,34 @@ def test_torchrun_a_nan_on_one_rank_stops_every_rank_at_that_step(tiny_base_dir,
     assert proc.stderr.count("stopped: training loss became nan at step 2") == 2, proc.stderr[-3000:]
     assert "RuntimeError" not in proc.stderr, proc.stderr[-3000:]  # rank 0 was left in a collective with a dead peer
     assert checkpoint.list_steps(tiny_base_dir / "base_checkpoints" / tag) == [2]
+
+
+OOM_ON_RANK1 = """
+import os, sys
+import torch
+from nanotrain import train
+
+real = train.train_micro_steps
+calls = {"n": 0}
+
+def flaky(*args, **kwargs):
+    calls["n"] += 1
+    if calls["n"] == 1 and os.environ["RANK"] == "1":
+        raise torch.OutOfMemoryError("CUDA out of memory (simulated on rank 1)")
+    return real(*args, **kwargs)
+
+train.train_micro_steps = flaky
+sys.exit(train.main(sys.argv[1:]))
+"""
+
+
+def test_torchrun_an_oom_on_one_rank_lowers_the_batch_on_every_rank(tiny_base_dir, tmp_path):
+    script = tmp_path / "oom_on_rank1.py"
+    script.write_text(OOM_ON_RANK1)
+    tag = "torchrun-oom"
+    proc = torchrun([str(script), *TINY, f"--base-dir={tiny_base_dir}", f"--model-tag={tag}", "--eval-every=-1",
+                     "--oom-auto-batch"], timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "lowering it to 2" in proc.stderr, proc.stderr[-3000:]
+    meta = checkpoint.read_meta(tiny_base_dir / "base_checkpoints" / tag)
+    assert meta["step"] == 4 and meta["train_config"]["device_batch_size"] == 2
