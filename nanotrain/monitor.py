@@ -75,12 +75,12 @@ class Monitor:
         self._wandb = None
         self.history: list[dict] = []
 
-    def start(self, resume_step: int | None = None) -> None:
+    def start(self, resume_step: int | None = None, wandb_id: str | None = None) -> None:
         """Open the records, once the run's up-front checks have passed (a refused run must leave an earlier
         run's log alone). A fresh run starts a fresh metrics log. A resumed run keeps the rows its checkpoint
         covers: every row before resume_step and the evaluations at resume_step (a checkpoint is saved after its
         step's evaluations); rows of an abandoned timeline past it are dropped, so the log and the plot read as
-        one uninterrupted run. Then wandb, when --run is set."""
+        one uninterrupted run. Then wandb, when --run is set: a resume continues the wandb run `wandb_id`."""
         if not self.master:
             return
         if self.out_dir:
@@ -105,8 +105,13 @@ class Monitor:
             except ImportError:
                 from nanotrain.errors import UserError
                 raise UserError("--run needs the wandb package: `pip install wandb` (or leave --run out)")
-            self._wandb = wandb.init(project=self.project, name=self.run, config=self.config,
+            self._wandb = wandb.init(project=self.project, name=self.run, config=self.config, id=wandb_id,
                                      resume="allow" if resume_step is not None else None)
+
+    @property
+    def wandb_id(self) -> str | None:
+        """The wandb run's id (checkpoints keep it so that a resume logs to the same run)."""
+        return self._wandb.id if self._wandb is not None else None
 
     @property
     def metrics_path(self) -> Path:

@@ -263,7 +263,8 @@ def train(cfg: TrainConfig) -> LoopState:
 
     if not resuming and cfg.overwrite:
         move_aside(ckpt_dir, rt, mon)
-    mon.start(resume_step)  # every up-front check has passed: now the metrics log and wandb
+    mon.start(resume_step, saved_meta.get("wandb_run_id") if resuming else None)  # the up-front checks passed
+    meta["wandb_run_id"] = mon.wandb_id
     autocast = autocast_for(rt.device)
     eval_context = fp8_off(orig_model)
     num_iterations = plan.num_iterations

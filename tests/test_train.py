@@ -432,3 +432,26 @@ def test_a_fresh_run_never_overwrites_saved_checkpoints(tiny_base_dir, capsys):
     moved = [p for p in ckpt_dir.parent.iterdir() if p.name.startswith("taken.replaced-")]
     assert len(moved) == 1 and (moved[0] / "step_000002" / "model.pt").read_bytes() == before
     assert (ckpt_dir / "step_000002" / "model.pt").read_bytes() != before
+
+
+def test_wandb_only_with_run_and_a_resume_continues_the_same_wandb_run(tiny_base_dir, tmp_path):
+    env = dict(os.environ, WANDB_MODE="offline", WANDB_DIR=str(tmp_path), WANDB_SILENT="true")
+    env.pop("TRITON_INTERPRET", None)
+    common = [*TINY, f"--base-dir={tiny_base_dir}", "--num-iterations=4", "--eval-every=2", "--sample-every=-1"]
+    probe = ("import sys; from nanotrain.train import main; code = main(sys.argv[1:]); "
+             "sys.exit(code or (3 if 'wandb' in sys.modules else 0))")
+    # --run dummy (the default) never imports wandb
+    r = subprocess.run([sys.executable, "-c", probe, *common, "--model-tag=nowandb"], env=env, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    r = subprocess.run([sys.executable, "-m", "nanotrain", *common, "--model-tag=wandb", "--run=t1", "--save-every=2"],
+                       env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    run_id = checkpoint.read_meta(tiny_base_dir / "base_checkpoints" / "wandb", 2)["wandb_run_id"]
+    assert run_id
+    r = subprocess.run([sys.executable, "-m", "nanotrain", *common, "--model-tag=wandb", "--run=t1", "--save-every=2",
+                        "--resume-from-step=2"], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert checkpoint.read_meta(tiny_base_dir / "base_checkpoints" / "wandb", 4)["wandb_run_id"] == run_id
+    runs = sorted(p.name for p in (tmp_path / "wandb").glob("offline-run-*"))
+    assert len(runs) == 2 and all(name.endswith(run_id) for name in runs), runs
