@@ -328,7 +328,12 @@ def train(cfg: TrainConfig) -> LoopState:
                 meta["train_config"]["device_batch_size"] = device_batch_size  # a resume must use it too
                 continue
             apply_schedules(optimizer, plan, step, cfg)
-            optimizer.step()
+            try:
+                optimizer.step()
+            except torch.OutOfMemoryError:
+                if step != first_step:
+                    raise
+                raise RunStopped(OPTIMIZER_OOM, exit_code=4) from None
             orig_model.zero_grad(set_to_none=True)
             loss_f = distributed.all_reduce_sum(loss).item() / rt.world_size  # every rank sees a NaN on any rank
             synchronize(rt)
@@ -543,6 +548,10 @@ def launch_command(rt: Runtime) -> str:
 def synchronize(rt: Runtime) -> None:
     if rt.device_type == "cuda":
         torch.cuda.synchronize(rt.device)
+
+
+OPTIMIZER_OOM = ("out of memory allocating the optimizer state at the first step (its size does not depend on "
+                 "--device-batch-size); use more GPUs (the state is sharded across ranks) or a smaller --depth")
 
 
 def ran_out_of_memory_anywhere(here: bool, rt: Runtime) -> bool:

@@ -455,3 +455,15 @@ def test_wandb_only_with_run_and_a_resume_continues_the_same_wandb_run(tiny_base
     assert checkpoint.read_meta(tiny_base_dir / "base_checkpoints" / "wandb", 4)["wandb_run_id"] == run_id
     runs = sorted(p.name for p in (tmp_path / "wandb").glob("offline-run-*"))
     assert len(runs) == 2 and all(name.endswith(run_id) for name in runs), runs
+
+
+def test_oom_in_the_first_optimizer_step_is_one_clear_line(tiny_base_dir, monkeypatch, capsys):
+    from nanotrain import optim
+
+    def no_memory(self, *args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+
+    monkeypatch.setattr(optim.MuonAdamW, "step", no_memory)
+    assert run(tiny_base_dir, "optim-oom", "--num-iterations=2", "--eval-every=-1", "--sample-every=-1") == 4
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "optimizer state" in err[0] and "--depth" in err[0]
