@@ -16,6 +16,8 @@ conversion mis-rounds values whose rounding carries into the exponent (125.7 -> 
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -239,15 +241,33 @@ def _fp8_matmul_kernel(a_ptr, b_ptr, c_ptr, sa_ptr, sb_ptr, M, N, K,
     tl.store(c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn, c, mask=mask_c)
 
 
-_GPU_CONFIGS = [
-    triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_stages=s, num_warps=w)
-    for bm, bn, bk, s, w in [
-        (128, 256, 128, 3, 8), (256, 128, 128, 3, 8), (128, 128, 128, 4, 8), (128, 128, 64, 4, 4),
-        (128, 64, 128, 4, 4), (64, 128, 128, 4, 4), (64, 64, 128, 4, 4),
-    ]
-]
-_fp8_matmul_tuned = triton.autotune(configs=_GPU_CONFIGS, key=["M", "N", "K", "stride_sa", "stride_sb"])(
-    _fp8_matmul_kernel)
+def _configs(shapes: list[tuple[int, int, int, int, int]]) -> list[triton.Config]:
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_stages=s, num_warps=w)
+            for bm, bn, bk, s, w in shapes]
+
+
+# (BLOCK_M, BLOCK_N, BLOCK_K, num_stages, num_warps). Hopper: wgmma keeps the accumulator in registers only
+# once per warpgroup, so 128x256 tiles fit (ptxas, sm_90a: <= 228 registers, no spills, <= 144 KB shared).
+_GPU_CONFIGS = _configs([
+    (128, 256, 128, 3, 8), (256, 128, 128, 3, 8), (128, 128, 128, 4, 8), (128, 128, 64, 4, 4),
+    (128, 64, 128, 4, 4), (64, 128, 128, 4, 4), (64, 64, 128, 4, 4),
+])
+# Ada (sm89, mma.sync, 99 KB shared): the 128x256 / 256x128 tiles and 128x128 at 4 warps spill 560-680 bytes
+# per thread there (ptxas, sm_89), so they are replaced by 8-warp 128x128 tiles that do not.
+_GPU_CONFIGS_SM89 = _configs([
+    (128, 128, 128, 4, 8), (128, 128, 64, 4, 8), (128, 64, 128, 4, 4), (64, 128, 128, 4, 4), (64, 64, 128, 4, 4),
+])
+
+
+def gpu_configs(capability: tuple[int, int]) -> list[triton.Config]:
+    """The FP8 GEMM's autotune configs for a GPU of `capability` (sm89 or newer)."""
+    return _GPU_CONFIGS if tuple(capability) >= (9, 0) else _GPU_CONFIGS_SM89
+
+
+@functools.lru_cache(maxsize=None)
+def _fp8_matmul_tuned(hopper: bool):
+    return triton.autotune(configs=gpu_configs((9, 0) if hopper else (8, 9)),
+                           key=["M", "N", "K", "stride_sa", "stride_sb"])(_fp8_matmul_kernel)
 
 
 def matmul(a: torch.Tensor, b: torch.Tensor, scale_a: torch.Tensor, scale_b: torch.Tensor,
@@ -270,9 +290,60 @@ def matmul(a: torch.Tensor, b: torch.Tensor, scale_a: torch.Tensor, scale_b: tor
     if a.is_cuda:
         def grid(meta):
             return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
-        _fp8_matmul_tuned[grid](*args)
+        _fp8_matmul_tuned(torch.cuda.get_device_capability(a.device) >= (9, 0))[grid](*args)
     else:
         bm, bn, bk = 16, 16, 32
         _fp8_matmul_kernel[(triton.cdiv(M, bm) * triton.cdiv(N, bn),)](
             *args, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=4)
     return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Ahead-of-time compilation for a GPU that is not here (CI on CPU: GPU-only compile errors, shared memory and
+# spills per config; kernels/_compile.py). Needs TRITON_INTERPRET unset. The example calls use the recipes'
+# layouts: casts of a contiguous (R, C) tensor (bf16 activations and gradients, fp32 master weights); GEMMs
+# with a row-major left operand and a column-major right one (the transposed copies of the casts).
+# ----------------------------------------------------------------------------------------------------------
+TRITON_FP8 = {"e4m3": "fp8e4nv", "e5m2": "fp8e5"}
+_TORCH_FP8 = {"e4m3": torch.float8_e4m3fn, "e5m2": torch.float8_e5m2}
+# (write_main, write_t) per cast mode, as nanotrain/ops/fp8.py calls them
+CAST_WRITES = {-1: (True, True), 1: (True, False), 0: (False, True), 2: (True, True)}
+
+
+def compile_for(kernel: str, capability: tuple[int, int], config: triton.Config | None = None, mode: int = -1,
+                x_dtype: str = "bf16", fp8: str = "e4m3", b_fp8: str = "e4m3", rowwise: bool = False,
+                out_dtype: str = "bf16", shape: tuple[int, int] = (8192, 768)) -> dict:
+    """Compile one FP8 kernel for compute capability `capability` without a GPU.
+
+    kernel "amax" / "cast": the launch `_launch` makes for an x of `shape` in `x_dtype` ("bf16"/"fp32"), cast
+    `mode` (-1 tensor, 1 rows, 0 columns, 2 both) into `fp8` ("e4m3"/"e5m2"). kernel "matmul": one of
+    gpu_configs(capability), a (`fp8`) x b (`b_fp8`) -> `out_dtype`, tensorwise or `rowwise` scales (needs sm89+).
+    Returns compile_kernel's dict (shared bytes, regs, spills, cubin, ptx).
+    """
+    from ._compile import compile_kernel
+
+    R, C = shape
+    if kernel in ("amax", "cast"):
+        block_r = 32
+        block_c = min(256, triton.next_power_of_2(C))
+        x = f"*{x_dtype}"
+        if kernel == "amax":
+            args = dict(x_ptr=x, amax_ptr="*fp32", amax_col_ptr="*fp32", R=R, C=C, stride_xr=C, stride_xc=1,
+                        MODE=mode, BLOCK_R=block_r, BLOCK_C=block_c)
+            return compile_kernel(_fp8_amax_kernel, capability, args)
+        mant, min_exp = FP8_FORMATS[_TORCH_FP8[fp8]]
+        write_main, write_t = CAST_WRITES[mode]
+        q = f"*{TRITON_FP8[fp8]}"
+        args = dict(x_ptr=x, amax_ptr="*fp32", amax_col_ptr="*fp32", out_ptr=q, out_t_ptr=q, scale_ptr="*fp32",
+                    scale_col_ptr="*fp32", R=R, C=C, stride_xr=C, stride_xc=1, MODE=mode,
+                    FP8_MAX=torch.finfo(_TORCH_FP8[fp8]).max, EPS_=EPS, POW2=rowwise, MANT_BITS=mant,
+                    MIN_EXP=min_exp, WRITE_MAIN=write_main, WRITE_T=write_t, BLOCK_R=64, BLOCK_C=64)
+        return compile_kernel(_fp8_cast_kernel, capability, args)
+    if kernel != "matmul":
+        raise ValueError(f"unknown kernel {kernel!r}")
+    M, N, K = R, C, 4 * C
+    stride_s = 1 if rowwise else 0
+    args = dict(a_ptr=f"*{TRITON_FP8[fp8]}", b_ptr=f"*{TRITON_FP8[b_fp8]}", c_ptr=f"*{out_dtype}", sa_ptr="*fp32",
+                sb_ptr="*fp32", M=M, N=N, K=K, stride_am=K, stride_ak=1, stride_bk=1, stride_bn=K, stride_cm=N,
+                stride_cn=1, stride_sa=stride_s, stride_sb=stride_s, **config.kwargs)
+    return compile_kernel(_fp8_matmul_kernel, capability, args, config.num_warps, config.num_stages)

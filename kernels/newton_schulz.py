@@ -462,6 +462,12 @@ def _rows_cfg(C: int) -> tuple[int, int, int]:
     return max(1, 4096 // block_c), block_c, 4
 
 
+def _vector_warps(block: int) -> int:
+    """num_warps of the one-program-per-matrix kernels (eq_scale, normuon_scale) for a BLOCK-long vector.
+    8 at 4096: with 4 warps normuon_scale spills on sm80 (ptxas: 128 registers, 4 bytes spilled)."""
+    return 8 if block >= 4096 else (4 if block >= 1024 else 1)
+
+
 def muon_momentum(grads: torch.Tensor, momentum_buffer: torch.Tensor, momentum: float) -> torch.Tensor:
     """Nesterov momentum in place on both stacks (K, R, C); returns the row sums of squares of the new
     grads, (K, R) float32."""
@@ -479,7 +485,7 @@ def muon_eq_scale(rsq: torch.Tensor, norm_safety: float) -> torch.Tensor:
     K, R = rsq.shape
     f = torch.empty_like(rsq)
     block = 32 if interpreting() else min(4096, triton.next_power_of_2(R))
-    _muon_eq_scale_kernel[(K,)](rsq, f, R, float(norm_safety), BLOCK=block, num_warps=4 if block >= 1024 else 1)
+    _muon_eq_scale_kernel[(K,)](rsq, f, R, float(norm_safety), BLOCK=block, num_warps=_vector_warps(block))
     return f
 
 
@@ -514,7 +520,7 @@ def normuon_scale(q: torch.Tensor, second_momentum: torch.Tensor, red_size: int,
     block = 32 if interpreting() else min(4096, triton.next_power_of_2(L))
     _normuon_scale_kernel[(K,)](q, second_momentum, f, L, float(red_size), float(target_norm), float(beta2),
                                 second_momentum.stride(0), second_momentum.stride(1), BLOCK=block,
-                                num_warps=4 if block >= 1024 else 1)
+                                num_warps=_vector_warps(block))
     return f
 
 
@@ -527,3 +533,90 @@ def muon_apply(o: torch.Tensor, f: torch.Tensor, f_per_row: bool, params: torch.
     _muon_apply_kernel[(triton.cdiv(R, br), K)](
         o, f, params, R, C, *o.stride(), f.stride(0), stride_fr, stride_fc, *params.stride(), float(lr),
         float(lr * weight_decay), BLOCK_R=br, BLOCK_C=bc, num_warps=w)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Ahead-of-time compilation for a GPU that is not here (CI on CPU: GPU-only compile errors, shared memory
+# and spills per config). Needs TRITON_INTERPRET unset. Example calls use the real layouts and dtypes:
+# the iteration in bf16 on the short side s of a (s, long) matrix ("wide": row-major, "tall": the transpose
+# view of a row-major (long, s) matrix, "square": A A + Z on contiguous (s, s)); the Muon step on fp32
+# parameters, gradients and momentum (autocast training keeps fp32 master weights).
+# ---------------------------------------------------------------------------------------------------
+ELEMENTWISE_KERNELS = ("momentum", "eq_scale", "scale_cast", "sumsq_rows", "normuon_scale", "apply")
+
+
+def gpu_configs(kernel: str, capability: tuple[int, int]) -> list[triton.Config]:
+    """The autotune configs the GPU path tries for the matrix kernel `kernel` ("sym" or "axpby")."""
+    return _sym_configs(capability) if kernel == "sym" else _axpby_configs(capability)
+
+
+def compile_for(kernel: str, capability: tuple[int, int], config: triton.Config | None = None, layout: str = "wide",
+                dtype: str = "bf16", param_dtype: str = "fp32", size: int = 4096) -> dict:
+    """Compile one kernel for compute capability `capability` without a GPU (see kernels/_compile.py).
+
+    kernel: "sym" / "axpby" (with `config`, one of gpu_configs; `layout` wide/tall/square, operands in
+    `dtype`) or one of ELEMENTWISE_KERNELS (the launch config the launcher picks for `size` columns, or
+    rows for eq_scale/normuon_scale; tensors in `param_dtype`, the iteration's input/output in `dtype`).
+    Returns compile_kernel's dict (shared bytes, regs, spills, cubin, ptx).
+    """
+    from ._compile import compile_kernel
+
+    p, d = f"*{param_dtype}", f"*{dtype}"
+    s, long_ = 1024, 4096  # short and long side of the iterated matrix (multiples of 16, as model shapes are)
+    if kernel in ("sym", "axpby"):
+        meta, warps, stages = dict(config.kwargs), config.num_warps, config.num_stages
+        # (batch, row, col) strides of the (s, long) iterate X and of a contiguous (s, s) matrix
+        x_str = (s * long_, long_, 1) if layout != "tall" else (s * long_, 1, s)
+        sq_str = (s * s, s, 1)
+        if kernel == "sym":
+            square = layout == "square"
+            ps = sq_str if square else x_str
+            args = dict(P_ptr=d, S_ptr=d, Z_ptr=d, C_ptr=d, M=s, K=s if square else long_,
+                        **_strides("p", "bmk", ps), **_strides("s", "bmk", ps), **_strides("z", "bmn", sq_str),
+                        **_strides("c", "bmn", sq_str), alpha=0.5, beta=-1.5, gamma=0.0, HAS_Z=square,
+                        HAS_I=False, DOT_PRECISION="tf32", **meta)
+            fn = _sym_matmul_kernel
+        else:
+            args = dict(B_ptr=d, X_ptr=d, Y_ptr=d, M=s, N=long_, **_strides("b", "bmk", sq_str),
+                        **_strides("x", "bmn", x_str), **_strides("y", "bmn", x_str), alpha=3.4,
+                        ADD_X=True, DOT_PRECISION="tf32", **meta)
+            fn = _axpby_matmul_kernel
+        return compile_kernel(fn, capability, args, warps, stages)
+    if kernel in ("eq_scale", "normuon_scale"):
+        block = min(4096, triton.next_power_of_2(size))
+        warps = _vector_warps(block)
+        if kernel == "eq_scale":
+            args = dict(RSQ_ptr="*fp32", F_ptr="*fp32", R=size, norm_safety=1.02, BLOCK=block)
+            return compile_kernel(_muon_eq_scale_kernel, capability, args, warps, 3)
+        args = dict(Q_ptr="*fp32", SM_ptr=p, F_ptr="*fp32", L=size, red_size=768.0, target_norm=27.7, beta2=0.95,
+                    stride_smb=size, stride_sml=1, BLOCK=block)
+        return compile_kernel(_normuon_scale_kernel, capability, args, warps, 3)
+    R, C = s, size
+    br, bc, warps = _rows_cfg(C)
+    rc = (R * C, C, 1)
+    blocks = dict(BLOCK_R=br, BLOCK_C=bc)
+    if kernel == "momentum":
+        args = dict(G_ptr=p, MB_ptr=p, RSQ_ptr="*fp32", R=R, C=C, **_strides("g", "brc", rc),
+                    **_strides("m", "brc", rc), momentum=0.95, **blocks)
+        fn = _muon_momentum_kernel
+    elif kernel == "scale_cast":
+        args = dict(X_ptr=p, F_ptr="*fp32", Y_ptr=d, R=R, C=C, **_strides("x", "brc", rc), stride_fb=R,
+                    stride_fr=1, **_strides("y", "brc", rc), **blocks)
+        fn = _scale_cast_kernel
+    elif kernel == "sumsq_rows":  # the iterate (dtype) rounded to the parameters' dtype
+        args = dict(X_ptr=d, OUT_ptr="*fp32", R=R, C=C, **_strides("x", "brc", rc),
+                    ROUND_TO=getattr(tl, {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[param_dtype]),
+                    **blocks)
+        fn = _sumsq_rows_kernel
+    elif kernel == "apply":  # per-row factors (F (K, R): stride_fc = 0)
+        args = dict(O_ptr=d, F_ptr="*fp32", P_ptr=p, R=R, C=C, **_strides("o", "brc", rc), stride_fb=R,
+                    stride_fr=1, stride_fc=0, **_strides("p", "brc", rc), lr=0.02, lr_wd=0.0004, **blocks)
+        fn = _muon_apply_kernel
+    else:
+        raise ValueError(f"unknown kernel {kernel!r}")
+    return compile_kernel(fn, capability, args, warps, 3)
+
+
+def _strides(prefix: str, axes: str, values: tuple[int, ...]) -> dict:
+    """{'stride_<prefix><axis>': value} for each axis letter, e.g. _strides("p", "bmk", (..))."""
+    return {f"stride_{prefix}{a}": v for a, v in zip(axes, values)}
