@@ -476,3 +476,69 @@ def test_gpu_float8_linear_bf16(recipe, backend):
     y_ref.backward(dy.float())
     assert sqnr(y_ref, y.float()) >= SQNR_LINEAR_OUT
     assert sqnr(x.grad, gx) >= SQNR_LINEAR_GRAD and sqnr(lin.weight.grad, f8.weight.grad) >= SQNR_LINEAR_GRAD
+
+
+# ----------------------------------------------------------------------------------------------------
+# Ahead-of-time compilation without a GPU (kernels/_compile.py): the compiled path's type errors, shared
+# memory over the limit and register spills, which the interpreter cannot show. The casts as the recipes
+# call them (tensorwise: x and dy bf16, W fp32, one scale, dy in e5m2; rowwise: x and dy bf16 per row and
+# per column at once, W fp32 per row and per column, all e4m3, power-of-2 scales) for sm_90a and sm_89, the
+# lowest FP8 GPU; on sm_80 (Triton has no e4m3 below sm89, which is why the FP8 backends need sm89+) the e5m2
+# cast in every mode. The GEMM: every Hopper config for the recipes' operand pairs, and the Ada list.
+# All of it (50 compiles) takes ~25 s on one core, so the grid is not cut.
+# ----------------------------------------------------------------------------------------------------
+_AOT_SCRIPT = """
+import json, traceback
+from nanotrain.kernels import fp8 as K
+CASTS = [(-1, "bf16", "e4m3"), (-1, "fp32", "e4m3"), (-1, "bf16", "e5m2"),
+         (2, "bf16", "e4m3"), (1, "fp32", "e4m3"), (0, "fp32", "e4m3")]
+cases = []
+for cap in [(9, 0), (8, 9)]:
+    for mode, x, f8 in CASTS:
+        cases.append((cap, "cast", dict(mode=mode, x_dtype=x, fp8=f8, rowwise=mode != -1), f"mode {mode} {x}->{f8}"))
+for cap in [(9, 0), (8, 0)]:
+    for mode, x in [(-1, "bf16"), (-1, "fp32"), (2, "bf16"), (1, "fp32"), (0, "fp32")]:
+        cases.append((cap, "amax", dict(mode=mode, x_dtype=x), f"mode {mode} {x}"))
+for mode in (-1, 0, 1, 2):
+    cases.append(((8, 0), "cast", dict(mode=mode, x_dtype="bf16", fp8="e5m2"), f"mode {mode} bf16->e5m2"))
+for cap in [(9, 0), (8, 9)]:
+    for cfg in K.gpu_configs(cap):
+        for a, b, rowwise, out in [("e4m3", "e4m3", True, "bf16"), ("e5m2", "e4m3", False, "fp32")]:
+            kw = dict(config=cfg, fp8=a, b_fp8=b, rowwise=rowwise, out_dtype=out)
+            cases.append((cap, "matmul", kw, f"{cfg} {a}x{b}{' rowwise' if rowwise else ''}->{out}"))
+out = []
+for cap, kernel, kw, what in cases:
+    try:
+        r = K.compile_for(kernel, cap, **kw)
+        out.append([list(cap), kernel, what, r["shared"], r["spill_stores"] + r["spill_loads"], "wgmma" in r["ptx"]])
+    except Exception:
+        out.append([list(cap), kernel, what, traceback.format_exc()[-1500:], None, None])
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.slow
+def test_fp8_kernels_compile_for_hopper_ada_and_ampere_without_a_gpu():
+    """The amax, cast (incl. the transposed and dual copies) and GEMM kernels compile for their targets with
+    the recipes' dtypes, shared memory under the limit, no register spills, and the GEMM uses wgmma on
+    Hopper."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from nanotrain.kernels import fp8 as kernels
+    from nanotrain.kernels._compile import shared_limit
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # the interpreter cannot compile
+    proc = subprocess.run([sys.executable, "-c", _AOT_SCRIPT], capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads(proc.stdout.strip().splitlines()[-1])
+    n_gemm = 2 * (len(kernels.gpu_configs((9, 0))) + len(kernels.gpu_configs((8, 9))))
+    assert len(rows) == 2 * 6 + 2 * 5 + 4 + n_gemm, len(rows)
+    for cap, kernel, what, shared, spills, wgmma in rows:
+        assert isinstance(shared, int), f"{kernel} {what} does not compile for sm{cap[0]}{cap[1]}:\n{shared}"
+        assert shared <= shared_limit(tuple(cap)), (cap, kernel, what, shared)
+        assert spills == 0, f"{kernel} {what} spills {spills} bytes on sm{cap[0]}{cap[1]}"
+        if kernel == "matmul":
+            assert wgmma == (cap[0] == 9), f"fp8 GEMM {what} on sm{cap[0]}{cap[1]}: wgmma={wgmma}"

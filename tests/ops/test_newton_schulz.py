@@ -299,3 +299,69 @@ def test_gpu_muon_update_d26(mn, dtype):
     assert err_tri < max(2 * err_lo, 3e-2)
     assert rel_err(state[2].float(), ref32[2]) < TOL[dtype]  # momentum: elementwise
     assert rel_err(state[3].float(), ref32[3]) < max(2 * rel_err(ref_lo[3].float(), ref32[3]), 5e-2)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Ahead-of-time compilation for sm_90a / sm_80 without a GPU (kernels/_compile.py): the compiled path's
+# type errors, shared memory over the limit and register spills, which the interpreter cannot show.
+# Every autotune config of both matrix kernels is compiled in bf16 for both GPU generations, in the layout
+# with the heaviest epilogue (sym: A A + Z; axpby: the transposed iterate of a tall matrix); the other
+# layouts only for the first config, and the elementwise kernels at the launcher's largest tile. The full
+# grid (every layout of every config, and the small tiles too: 60 compiles) passes as well but takes ~35 s
+# on one core, twice this test's share of CI.
+# ---------------------------------------------------------------------------------------------------
+_AOT_SCRIPT = """
+import json, traceback
+import triton
+from nanotrain.kernels import newton_schulz as K
+cases = []
+for cap in [(9, 0), (8, 0)]:
+    for kernel, heavy, others in [("sym", "square", ("wide", "tall")), ("axpby", "tall", ("wide",))]:
+        for i, cfg in enumerate(K.gpu_configs(kernel, cap)):
+            for layout in (heavy, *others) if i == 0 else (heavy,):
+                cases.append((cap, kernel, dict(config=cfg, layout=layout), f"{cfg} {layout}"))
+    for kernel in K.ELEMENTWISE_KERNELS:
+        cases.append((cap, kernel, dict(size=4096), "size 4096"))
+out = []
+for cap, kernel, kw, what in cases:
+    try:
+        r = K.compile_for(kernel, cap, **kw)
+        out.append([list(cap), kernel, what, r["shared"], r["spill_stores"] + r["spill_loads"], "wgmma" in r["ptx"]])
+    except Exception:
+        out.append([list(cap), kernel, what, traceback.format_exc()[-1500:], None, None])
+print(json.dumps(out))
+"""
+
+
+def _compile_without_gpu(script: str) -> list:
+    """Run `script` in a fresh Python without TRITON_INTERPRET (set by conftest on CPU machines, and the
+    interpreter's @triton.jit cannot be compiled); its last stdout line is JSON."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.slow
+def test_muon_kernels_compile_for_hopper_and_ampere_without_a_gpu():
+    """Every sm90/sm80 autotune config of the symmetric and axpby products compiles in bf16 with shared
+    memory under the limit (227 KB sm90, 163 KB sm80), no register spills, and wgmma on Hopper; the Muon
+    step's elementwise/reduction kernels compile on both without spills."""
+    from nanotrain.kernels import newton_schulz as nsk
+    from nanotrain.kernels._compile import shared_limit
+
+    rows = _compile_without_gpu(_AOT_SCRIPT)
+    n_configs = sum(len(nsk.gpu_configs(k, cap)) for k in ("sym", "axpby") for cap in [(9, 0), (8, 0)])
+    assert len(rows) == n_configs + 2 * (2 + 1 + len(nsk.ELEMENTWISE_KERNELS)), len(rows)
+    for cap, kernel, what, shared, spills, wgmma in rows:
+        assert isinstance(shared, int), f"{kernel} {what} does not compile for sm{cap[0]}{cap[1]}:\n{shared}"
+        assert shared <= shared_limit(tuple(cap)), (cap, kernel, what, shared)
+        assert spills == 0, f"{kernel} {what} spills {spills} bytes on sm{cap[0]}{cap[1]}"
+        if kernel in ("sym", "axpby"):
+            assert shared > 0, (cap, kernel, what)  # the operand tiles are staged through shared memory
+            assert wgmma == (cap[0] == 9), f"{kernel} {what} on sm{cap[0]}{cap[1]}: wgmma={wgmma}"
