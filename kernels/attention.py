@@ -589,24 +589,25 @@ _FP32_POINTERS = {"LSE", "DELTA"}
 
 
 def compile_for(kind: str, capability: tuple[int, int], head_dim: int, config: tuple[int, int, int, int],
-                dtype: str = "bf16") -> dict:
-    """Compile kernel `kind` for a GPU of `capability` without one; returns shared bytes and the cubin."""
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
+                dtype: str = "bf16", groups: int = 1) -> dict:
+    """Compile kernel `kind` for a GPU of `capability` without one (kernels/_compile.py), as a (B, T=2048, H=6,
+    head_dim) call with H // Hkv = `groups` would; returns shared bytes, registers, spills, the cubin and PTX."""
+    from ._compile import compile_kernel
 
-    kernel = _KERNELS[kind]
     bm, bn, warps, stages = config
-    constexprs = {"HEAD_DIM": head_dim, "BLOCK_N": bn, "BLOCK_M": bm if kind != "decode" else 16}
-    signature = {}
-    for name in kernel.arg_names:
-        if name in constexprs:
-            signature[name] = "constexpr"
-        elif name in _POINTERS[kind]:
-            signature[name] = "*fp32" if name in _FP32_POINTERS else ("*i32" if name == "SEQLENS" else f"*{dtype}")
+    T, H = 2048, 6
+    args = {"HEAD_DIM": head_dim, "BLOCK_N": bn, "BLOCK_M": bm if kind != "decode" else 16}
+    for name in _KERNELS[kind].arg_names:
+        if name in args:
+            continue
+        if name in _POINTERS[kind]:
+            args[name] = "*fp32" if name in _FP32_POINTERS else ("*i32" if name == "SEQLENS" else f"*{dtype}")
+        elif name in _FLOAT_ARGS:
+            args[name] = 0.125
+        elif name in ("stride_lb", "stride_lh", "stride_db", "stride_dh"):  # LSE / DELTA: (B, H, T) fp32
+            args[name] = {"b": H * T, "h": T}[name[-1]]
+        elif name.startswith("stride_"):  # (B, T, H, D) tensors, the last dim contiguous
+            args[name] = {"b": T * H * head_dim, "t": H * head_dim, "h": head_dim}[name[-1]]
         else:
-            signature[name] = "fp32" if name in _FLOAT_ARGS else "i32"
-    major, minor = capability
-    compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs),
-                              target=GPUTarget("cuda", 10 * major + minor, 32),
-                              options={"num_warps": warps, "num_stages": stages})
-    return {"shared": compiled.metadata.shared, "cubin": compiled.asm["cubin"], "ptx": compiled.asm["ptx"]}
+            args[name] = {"GROUPS": groups, "H": H, "H_KV": H // groups, "TQ": 1, "window": T // 2}.get(name, T)
+    return compile_kernel(_KERNELS[kind], capability, args, warps, stages)
