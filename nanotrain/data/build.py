@@ -38,14 +38,19 @@ def read_documents(path: Path) -> Iterator[str]:
     suffix = path.suffix.lower()
     if suffix in TEXT_SUFFIXES:
         try:
-            text = path.read_text(encoding="utf-8")
+            text = path.read_text(encoding="utf-8-sig")  # -sig: a byte-order mark is no part of the text
         except UnicodeDecodeError:
             raise UserError(f"{path} is not UTF-8 text; convert it to UTF-8 or leave it out") from None
         if text.strip():
             yield text
     elif suffix == ".jsonl":
-        with open(path, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
+        with open(path, "rb") as f:
+            for lineno, raw in enumerate(f, 1):
+                try:
+                    line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+                except UnicodeDecodeError:
+                    raise UserError(f"{path}:{lineno} is not UTF-8; convert the file to UTF-8 or remove that "
+                                    "line") from None
                 if not line.strip():
                     continue
                 try:
@@ -73,9 +78,13 @@ def build(inputs: Iterable[str | os.PathLike], base_dir: str | os.PathLike | Non
     docs = [doc for f in files for doc in read_documents(f)]
     if not docs:
         raise UserError("the given files hold no text (empty corpus); point build at files with text in them")
+    if len(docs) < 2 and any(f.suffix.lower() in TEXT_SUFFIXES for f in files):
+        raise UserError(f"the corpus has {len(docs)} document(s); need at least 2 (one for training, one for "
+                        "validation), and each .txt/.md file is one document: split a large file into several "
+                        "files, or give a .jsonl file with one document per line")
     docs.sort()  # the same documents give the same shards, whatever order the files were given in
     random.Random(seed).shuffle(docs)
-    S.prepare_data_dir(base_dir, "build", force)
+    S.prepare_data_dir(base_dir, "build", force, check_only=True)  # write_shards replaces the old shards
     out = S.write_shards(docs, base_dir, docs_per_shard,
                          {"source": "build", "files": len(files), "documents": len(docs), "seed": seed})
     chars = sum(len(d) for d in docs)

@@ -45,10 +45,10 @@ def cmd_sample(args: argparse.Namespace) -> None:
     from nanotrain.data.sample import make_sample
 
     t0 = time.time()
-    S.prepare_data_dir(args.base_dir, "sample", args.force)  # fail before the work, not after
+    # refuse before the work, but delete nothing: write_shards replaces the old shards once the new ones are written
+    S.prepare_data_dir(args.base_dir, "sample", args.force, check_only=True)
     print(f"collecting at least {args.min_bytes / 1e6:.1f} MB of documentation text installed on this machine")
     docs, stats = make_sample(args.min_bytes, max_doc_chars=args.max_doc_chars, seed=args.seed)
-    S.prepare_data_dir(args.base_dir, "sample", args.force)
     out = S.write_shards(docs, args.base_dir, args.docs_per_shard,
                          {"source": "sample", "min_bytes": args.min_bytes, "seed": args.seed,
                           "max_doc_chars": args.max_doc_chars, "documents": len(docs), "bytes": stats["bytes"]})

@@ -11,7 +11,9 @@ import hashlib
 import json
 import math
 import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -86,6 +88,11 @@ def open_shard(path: Path) -> pq.ParquetFile:
     if pf.schema_arrow.get_field_index("text") < 0:
         raise UserError(f"shard {path} has no `text` column (columns: {', '.join(pf.schema_arrow.names)}); "
                         "shards need one document per row in a `text` column")
+    kind = pf.schema_arrow.field("text").type
+    if not (pa.types.is_string(kind) or pa.types.is_large_string(kind) or
+            getattr(pa.types, "is_string_view", lambda _: False)(kind)):
+        raise UserError(f"{path}: its `text` column holds {kind}, not strings; shards need one document per row "
+                        "as a string in a `text` column")
     return pf
 
 
@@ -164,11 +171,14 @@ def write_source(base_dir: str | os.PathLike | None, info: dict) -> None:
     os.replace(tmp, d / SOURCE_FILE)
 
 
-def prepare_data_dir(base_dir: str | os.PathLike | None, source: str, force: bool) -> Path:
+def prepare_data_dir(base_dir: str | os.PathLike | None, source: str, force: bool, *,
+                     check_only: bool = False) -> Path:
     """Make the data directory ready for `source` ("sample", "build", "download").
 
     sample/build replace shards written by sample/build; shards from another source (a download,
     or files put there by hand) are only replaced with --force, so no download is lost by accident.
+    check_only: raise the UserError a refusal gives, but delete nothing (sample and build leave the
+    replacing to write_shards, so that a failed or interrupted run keeps the previous shards).
     """
     d = paths.data_dir(base_dir)
     d.mkdir(parents=True, exist_ok=True)
@@ -189,6 +199,8 @@ def prepare_data_dir(base_dir: str | os.PathLike | None, source: str, force: boo
         if source == "download" and not force:
             raise UserError(f"{d} holds {len(existing)} shard(s) made by `nanotrain-data {prev}`; pass --force to "
                             "replace them with downloaded shards, or choose another --base-dir")
+        if check_only:
+            return d
         for p in existing:
             p.unlink()
         (d / SOURCE_FILE).unlink(missing_ok=True)
@@ -221,15 +233,31 @@ def write_shard(docs: list[str], path: Path, row_groups: int = 16) -> None:
 
 def write_shards(docs: list[str], base_dir: str | os.PathLike | None, docs_per_shard: int,
                  source: dict) -> list[Path]:
-    """Write `docs` (already in their final order) as shards of the data directory, the last one
-    validation, and the source marker. Returns the shard paths."""
+    """Write `docs` (already in their final order) as the shards of the data directory, the last one
+    validation, replacing every shard there, and the source marker. Returns the shard paths.
+
+    The new shards are written into a hidden staging folder first and then renamed into place, so a
+    run that fails or is interrupted while writing leaves the previous shards as they were (never a
+    few new shards whose last one, a training shard, would pass for the validation split).
+    """
     d = paths.data_dir(base_dir)
     d.mkdir(parents=True, exist_ok=True)
-    out = []
-    for i, (a, b) in enumerate(plan_shards(len(docs), docs_per_shard)):
-        p = d / shard_name(i)
-        write_shard(docs[a:b], p)
-        out.append(p)
+    plan = plan_shards(len(docs), docs_per_shard)
+    for old in d.glob(".staging-*"):  # left by a run that was killed while writing
+        shutil.rmtree(old, ignore_errors=True)
+    stage = Path(tempfile.mkdtemp(prefix=".staging-", dir=d))
+    try:
+        for i, (a, b) in enumerate(plan):
+            write_shard(docs[a:b], stage / shard_name(i))
+        for p in list_shards(base_dir):  # from here on only deletes and renames: milliseconds
+            p.unlink()
+        (d / SOURCE_FILE).unlink(missing_ok=True)
+        out = []
+        for i in range(len(plan)):
+            os.replace(stage / shard_name(i), d / shard_name(i))
+            out.append(d / shard_name(i))
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
     write_source(base_dir, source)
     return out
 

@@ -159,3 +159,82 @@ def test_chunk_paragraphs():
     assert chunk_paragraphs(pieces, 2000) == ["a" * 300 + "\n\n" + "b" * 300 + "\n\n" + "c" * 500,
                                               "d" * 1500 + "\n\n" + "e" * 10]
     assert all(len(c) <= 602 for c in chunk_paragraphs(["x" * 300] * 10, 602))
+
+
+def test_build_reads_bom_and_names_bad_utf8_jsonl_line(tmp_path, capsys):
+    base = tmp_path / "base"
+    (tmp_path / "bom.jsonl").write_bytes(b'\xef\xbb\xbf{"text": "first line with a BOM"}\n{"text": "second"}\n')
+    (tmp_path / "bom.txt").write_bytes("\ufeffa text file saved with a BOM".encode())
+    assert main(["build", str(tmp_path / "bom.jsonl"), str(tmp_path / "bom.txt"), "--base-dir", str(base)]) == 0
+    assert sorted(all_texts(base)) == ["a text file saved with a BOM", "first line with a BOM", "second"]
+    bad = tmp_path / "latin1.jsonl"
+    bad.write_bytes(b'{"text": "fine"}\n{"text": "caf\xe9"}\n')
+    assert main(["build", str(bad), "--base-dir", str(base)]) == 2
+    err = capsys.readouterr().err
+    assert "latin1.jsonl:2 is not UTF-8" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("column", [pa.array([1, 2, 3]), pa.array([b"ab", b"cd", b"ef"], pa.binary())])
+def test_text_column_that_is_not_text(tmp_path, capsys, column):
+    """A `text` column of numbers or raw bytes: one line naming the file (build input or shard), no traceback."""
+    src = tmp_path / "rows.parquet"
+    pq.write_table(pa.table({"text": column}), src)
+    assert main(["build", str(src), "--base-dir", str(tmp_path / "base")]) == 2
+    err = capsys.readouterr().err
+    assert f"{src}: its `text` column holds {column.type}, not strings" in err and len(err.strip().splitlines()) == 1
+    shard_dir = paths.data_dir(tmp_path / "b2")
+    shard_dir.mkdir(parents=True)
+    for i in range(2):
+        pq.write_table(pa.table({"text": column}), shard_dir / S.shard_name(i))
+    with pytest.raises(UserError, match="not strings"):
+        list(S.iter_documents("train", tmp_path / "b2"))
+
+
+def test_interrupted_build_keeps_the_previous_shards(tmp_path, monkeypatch, mixed_inputs):
+    """A build that dies while writing (Ctrl-C, full disk) must not leave some new shards whose last one,
+    a training shard, would pass for the validation split: the previous shards stay as they were."""
+    src, _ = mixed_inputs
+    base = tmp_path / "base"
+    assert main(["build", str(src), "--base-dir", str(base), "--docs-per-shard", "8"]) == 0
+    before = {p.name: p.read_bytes() for p in S.list_shards(base)}
+    real = S.write_shard
+    calls = []
+
+    def dying_write_shard(docs, path, row_groups=16):
+        calls.append(path)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        real(docs, path, row_groups)
+
+    monkeypatch.setattr(S, "write_shard", dying_write_shard)
+    with pytest.raises(KeyboardInterrupt):
+        S.write_shards([f"new document {i}" for i in range(40)], base, 5, {"source": "build"})
+    assert {p.name: p.read_bytes() for p in S.list_shards(base)} == before
+    assert S.read_source(base)["source"] == "build"
+    monkeypatch.setattr(S, "write_shard", real)
+    out = S.write_shards([f"new document {i}" for i in range(40)], base, 5, {"source": "build"})
+    assert S.list_shards(base) == out and len(out) == 9  # 36 train docs in 8 shards + 4 validation
+    assert [p.name for p in paths.data_dir(base).iterdir() if not p.name.endswith(".parquet")] == [S.SOURCE_FILE]
+
+
+def test_failed_sample_keeps_the_previous_sample(tmp_path, monkeypatch, capsys):
+    base = tmp_path / "base"
+    S.write_shards([f"earlier sample doc {i}" for i in range(30)], base, 10, {"source": "sample"})
+    before = {p.name: p.read_bytes() for p in S.list_shards(base)}
+    import nanotrain.data.sample as sample_mod
+
+    def too_little(*a, **kw):
+        raise UserError("found only 0.1 MB of documentation text on this machine; pass a smaller --min-bytes")
+
+    monkeypatch.setattr(sample_mod, "make_sample", too_little)
+    assert main(["sample", "--base-dir", str(base)]) == 2
+    assert "found only" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in S.list_shards(base)} == before
+
+
+def test_single_large_text_file_error_says_how_to_split(tmp_path, capsys):
+    big = tmp_path / "book.txt"
+    big.write_text("a paragraph of a long book.\n\n" * 2000)
+    assert main(["build", str(big), "--base-dir", str(tmp_path / "base")]) == 2
+    err = capsys.readouterr().err
+    assert "need at least 2" in err and "each .txt/.md file is one document" in err
