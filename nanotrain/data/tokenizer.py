@@ -180,8 +180,11 @@ class Tokenizer:
                            "special_tokens": payload._special_tokens}
             if BOS not in payload["special_tokens"]:
                 raise UserError(f"the tokenizer in {d} has no {BOS} token; run `nanotrain-data tokenizer` again")
+            _check_vocab(payload["pattern"], payload["mergeable_ranks"], payload["special_tokens"])
             tok = cls(payload["pattern"], payload["mergeable_ranks"], payload["special_tokens"], meta)
-        except (OSError, pickle.UnpicklingError, KeyError, ValueError, TypeError, EOFError, AttributeError) as e:
+        except UserError:
+            raise
+        except Exception as e:  # a damaged pickle can raise almost anything (EOFError, OverflowError, ...)
             raise UserError(f"the tokenizer in {d} is unreadable ({type(e).__name__}: {e}); "
                             "run `nanotrain-data tokenizer` again") from None
         if meta.get("fingerprint") and meta["fingerprint"] != tok.fingerprint:
@@ -213,6 +216,21 @@ def train_tokenizer(text_iter: Iterable[str], vocab_size: int, *, meta: dict | N
     ranks = {bytes(tok): rank for tok, rank in trainer.get_mergeable_ranks()}
     specials = {name: len(ranks) + i for i, name in enumerate(SPECIAL_TOKENS)}
     return Tokenizer(trainer.get_pattern(), ranks, specials, meta)
+
+
+def _check_vocab(pattern: object, ranks: object, specials: object) -> None:
+    """ValueError unless the vocabulary is well formed: bytes -> rank and name -> id, all ids distinct and in
+    range. tiktoken panics (a Rust PanicException, no Exception) on duplicate ranks and silently accepts a
+    special token that reuses a merge's id."""
+    if not (isinstance(pattern, str) and isinstance(ranks, dict) and isinstance(specials, dict)):
+        raise ValueError("the pickle does not hold a pattern, merges and special tokens")
+    if not all(type(k) is bytes and type(v) is int and 0 <= v < 2 ** 31 for k, v in ranks.items()):
+        raise ValueError("merges must map bytes to token ids in [0, 2^31)")
+    if not all(type(k) is str and type(v) is int and 0 <= v < 2 ** 31 for k, v in specials.items()):
+        raise ValueError("special tokens must map names to token ids in [0, 2^31)")
+    ids = list(ranks.values()) + list(specials.values())
+    if len(set(ids)) != len(ids):
+        raise ValueError("two tokens share an id")
 
 
 def _atomic(path: Path, write) -> None:

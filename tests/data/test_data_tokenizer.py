@@ -103,3 +103,24 @@ def test_loads_nanochat_pickled_encoding(tokenizer, tmp_path):
     (d / "tokenizer.pkl").write_bytes(b"not a pickle")
     with pytest.raises(UserError, match="is unreadable"):
         Tokenizer.load(d)
+
+
+@pytest.mark.parametrize("damage", ["duplicate_rank", "huge_rank", "special_clash", "str_keys"])
+def test_damaged_pickle_is_a_user_error(tokenizer, tmp_path, damage):
+    """A tokenizer.pkl whose ranks are not distinct token ids made tiktoken panic (a Rust PanicException,
+    which is no Exception) or raised OverflowError: now the same one-line error as any unreadable file."""
+    d = tokenizer.save(tmp_path / "tok")
+    ranks, specials = dict(tokenizer.mergeable_ranks), dict(tokenizer.special_tokens)
+    if damage == "duplicate_rank":
+        ranks[b"ab"] = ranks[b"a"]
+    elif damage == "huge_rank":
+        ranks[b"ab"] = 2 ** 40
+    elif damage == "special_clash":
+        specials["<|user_start|>"] = 3
+    else:
+        ranks = {k.decode("latin-1"): v for k, v in ranks.items()}
+    with open(d / "tokenizer.pkl", "wb") as f:
+        pickle.dump({"pattern": tokenizer.pattern, "mergeable_ranks": ranks, "special_tokens": specials}, f)
+    (d / "tokenizer.json").unlink()
+    with pytest.raises(UserError, match=r"is unreadable .*run `nanotrain-data tokenizer` again"):
+        Tokenizer.load(d)
