@@ -116,3 +116,22 @@ def resource_usage(cubin: bytes) -> dict:
     fields = dict(re.findall(r"\b(REG|STACK):(\d+)", res))
     return {"regs": int(fields.get("REG", 0)), "stack": int(fields.get("STACK", 0)),
             "spill_stores": _spill_bytes(sass, "STL"), "spill_loads": _spill_bytes(sass, "LDL")}
+
+
+def compile_cases(compile_for, cases: list) -> list:
+    """Compile each (capability, kernel, kwargs, label) case with `compile_for(kernel, capability, **kwargs)`.
+
+    One row per case: [capability, kernel, label, shared bytes, spill bytes, uses wgmma], or the
+    traceback's tail in place of the shared bytes (and None, None) when the compile fails.
+    """
+    import traceback
+
+    rows = []
+    for cap, kernel, kw, what in cases:
+        try:
+            r = compile_for(kernel, cap, **kw)
+            spills = r["spill_stores"] + r["spill_loads"]
+            rows.append([list(cap), kernel, what, r["shared"], spills, "wgmma" in r["ptx"]])
+        except Exception:
+            rows.append([list(cap), kernel, what, traceback.format_exc()[-1500:], None, None])
+    return rows

@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from aot_compile import compile_without_gpu
 
 from nanotrain.errors import UserError
 from nanotrain.ops import fp8, registry
@@ -488,7 +489,8 @@ def test_gpu_float8_linear_bf16(recipe, backend):
 # All of it (50 compiles) takes ~25 s on one core, so the grid is not cut.
 # ----------------------------------------------------------------------------------------------------
 _AOT_SCRIPT = """
-import json, traceback
+import json
+from nanotrain.kernels._compile import compile_cases
 from nanotrain.kernels import fp8 as K
 CASTS = [(-1, "bf16", "e4m3"), (-1, "fp32", "e4m3"), (-1, "bf16", "e5m2"),
          (2, "bf16", "e4m3"), (1, "fp32", "e4m3"), (0, "fp32", "e4m3")]
@@ -506,14 +508,7 @@ for cap in [(9, 0), (8, 9)]:
         for a, b, rowwise, out in [("e4m3", "e4m3", True, "bf16"), ("e5m2", "e4m3", False, "fp32")]:
             kw = dict(config=cfg, fp8=a, b_fp8=b, rowwise=rowwise, out_dtype=out)
             cases.append((cap, "matmul", kw, f"{cfg} {a}x{b}{' rowwise' if rowwise else ''}->{out}"))
-out = []
-for cap, kernel, kw, what in cases:
-    try:
-        r = K.compile_for(kernel, cap, **kw)
-        out.append([list(cap), kernel, what, r["shared"], r["spill_stores"] + r["spill_loads"], "wgmma" in r["ptx"]])
-    except Exception:
-        out.append([list(cap), kernel, what, traceback.format_exc()[-1500:], None, None])
-print(json.dumps(out))
+print(json.dumps(compile_cases(K.compile_for, cases)))
 """
 
 
@@ -522,18 +517,10 @@ def test_fp8_kernels_compile_for_hopper_ada_and_ampere_without_a_gpu():
     """The amax, cast (incl. the transposed and dual copies) and GEMM kernels compile for their targets with
     the recipes' dtypes, shared memory under the limit, no register spills, and the GEMM uses wgmma on
     Hopper."""
-    import json
-    import os
-    import subprocess
-    import sys
-
     from nanotrain.kernels import fp8 as kernels
     from nanotrain.kernels._compile import shared_limit
 
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # the interpreter cannot compile
-    proc = subprocess.run([sys.executable, "-c", _AOT_SCRIPT], capture_output=True, text=True, env=env, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    rows = json.loads(proc.stdout.strip().splitlines()[-1])
+    rows = compile_without_gpu(_AOT_SCRIPT)
     n_gemm = 2 * (len(kernels.gpu_configs((9, 0))) + len(kernels.gpu_configs((8, 9))))
     assert len(rows) == 2 * 6 + 2 * 5 + 4 + n_gemm, len(rows)
     for cap, kernel, what, shared, spills, wgmma in rows:

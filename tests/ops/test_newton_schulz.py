@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from aot_compile import compile_without_gpu
 
 from nanotrain.ops import newton_schulz as ns
 from nanotrain.ops import registry
@@ -311,7 +312,8 @@ def test_gpu_muon_update_d26(mn, dtype):
 # on one core, twice this test's share of CI.
 # ---------------------------------------------------------------------------------------------------
 _AOT_SCRIPT = """
-import json, traceback
+import json
+from nanotrain.kernels._compile import compile_cases
 import triton
 from nanotrain.kernels import newton_schulz as K
 cases = []
@@ -322,29 +324,8 @@ for cap in [(9, 0), (8, 0)]:
                 cases.append((cap, kernel, dict(config=cfg, layout=layout), f"{cfg} {layout}"))
     for kernel in K.ELEMENTWISE_KERNELS:
         cases.append((cap, kernel, dict(size=4096), "size 4096"))
-out = []
-for cap, kernel, kw, what in cases:
-    try:
-        r = K.compile_for(kernel, cap, **kw)
-        out.append([list(cap), kernel, what, r["shared"], r["spill_stores"] + r["spill_loads"], "wgmma" in r["ptx"]])
-    except Exception:
-        out.append([list(cap), kernel, what, traceback.format_exc()[-1500:], None, None])
-print(json.dumps(out))
+print(json.dumps(compile_cases(K.compile_for, cases)))
 """
-
-
-def _compile_without_gpu(script: str) -> list:
-    """Run `script` in a fresh Python without TRITON_INTERPRET (set by conftest on CPU machines, and the
-    interpreter's @triton.jit cannot be compiled); its last stdout line is JSON."""
-    import json
-    import os
-    import subprocess
-    import sys
-
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 @pytest.mark.slow
@@ -355,7 +336,7 @@ def test_muon_kernels_compile_for_hopper_and_ampere_without_a_gpu():
     from nanotrain.kernels import newton_schulz as nsk
     from nanotrain.kernels._compile import shared_limit
 
-    rows = _compile_without_gpu(_AOT_SCRIPT)
+    rows = compile_without_gpu(_AOT_SCRIPT)
     n_configs = sum(len(nsk.gpu_configs(k, cap)) for k in ("sym", "axpby") for cap in [(9, 0), (8, 0)])
     assert len(rows) == n_configs + 2 * (2 + 1 + len(nsk.ELEMENTWISE_KERNELS)), len(rows)
     for cap, kernel, what, shared, spills, wgmma in rows:
