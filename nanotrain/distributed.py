@@ -100,6 +100,12 @@ def all_reduce_max(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def any_rank(flag: bool, device: torch.device) -> bool:
+    """Whether `flag` is true on any rank (every rank gets the same answer, so all take the same path)."""
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    return bool(all_reduce_max(t).item() > 0)
+
+
 def broadcast_object(obj, src: int = 0):
     """Rank src's Python object on every rank."""
     if not is_initialized():

@@ -152,8 +152,7 @@ class StopSignals:
 
     def agreed(self, rt: Runtime) -> bool:
         """Whether any rank was signalled (all ranks must stop at the same step)."""
-        flag = torch.tensor([1.0 if self.requested else 0.0], device=rt.device)
-        return bool(distributed.all_reduce_max(flag).item() > 0)
+        return distributed.any_rank(self.requested is not None, rt.device)
 
 
 # --------------------------------------------------------------------------------------------
@@ -320,7 +319,7 @@ def train(cfg: TrainConfig) -> LoopState:
                 if step != first_step:
                     raise
                 loss = None  # handled below: this block's traceback holds the failed step's activations
-            if step == first_step and rt.distributed and ran_out_of_memory_anywhere(loss is None, rt):
+            if step == first_step and rt.distributed and distributed.any_rank(loss is None, rt.device):
                 loss = None  # every rank lowers its batch together (one rank alone would hang the others)
             if loss is None:
                 device_batch_size, grad_accum, train_loader, train_iter, x, y = handle_first_step_oom(
@@ -418,15 +417,24 @@ def fp8_off(model):
     return lambda: disable_fp8(model)
 
 
+@contextlib.contextmanager
+def evaluating(model, eval_context, autocast):
+    """Evaluation mode, FP8 off and the run's autocast for a block; training mode again after it."""
+    model.eval()
+    try:
+        with eval_context(), autocast():
+            yield
+    finally:
+        model.train()
+
+
 def evaluate_val_bpb(cfg, rt, model, make_val_loader, token_bytes, state, mon, autocast, eval_context,
                      flops_so_far) -> None:
     from nanotrain.eval.bpb import evaluate_bpb
 
     steps = max(1, cfg.eval_tokens // (cfg.device_batch_size * cfg.max_seq_len * rt.world_size))
-    model.eval()
-    with eval_context(), autocast():
+    with evaluating(model, eval_context, autocast):
         bpb = evaluate_bpb(model, itertools.islice(iter(make_val_loader()), steps), steps, token_bytes)
-    model.train()
     state.val_bpb, state.val_bpb_step = bpb, state.step
     state.min_val_bpb = min(state.min_val_bpb, bpb)
     mon.print(f"Step {state.step:05d} | Validation bpb: {bpb:.6f}")
@@ -438,11 +446,9 @@ def evaluate_core_metric(cfg, rt, model, tokenizer, bundle_dir, state, mon, auto
                          flops_so_far) -> None:
     from nanotrain.eval.core import evaluate_core
 
-    model.eval()
-    with eval_context(), autocast():
+    with evaluating(model, eval_context, autocast):
         results = evaluate_core(model, tokenizer, rt.device, bundle_dir=bundle_dir,
                                 max_per_task=cfg.core_metric_max_per_task)
-    model.train()
     mon.print(f"Step {state.step:05d} | CORE metric: {results['core_metric']:.4f}")
     mon.log({"step": state.step, "total_training_flops": flops_so_far,
              "total_training_time": state.total_training_time, "core_metric": results["core_metric"]})
@@ -451,11 +457,9 @@ def evaluate_core_metric(cfg, rt, model, tokenizer, bundle_dir, state, mon, auto
 def print_samples(model, tokenizer, mon, autocast, eval_context) -> None:
     from nanotrain.eval.engine import sample_text
 
-    model.eval()
-    with eval_context(), autocast():
+    with evaluating(model, eval_context, autocast):
         for text in sample_text(model, tokenizer, max_tokens=16):
             mon.print(f"  sample: {text!r}")
-    model.train()
 
 
 def run_meta(cfg, rt, model_config, tokenizer, data_fp: str, plan) -> dict:
@@ -552,12 +556,6 @@ def synchronize(rt: Runtime) -> None:
 
 OPTIMIZER_OOM = ("out of memory allocating the optimizer state at the first step (its size does not depend on "
                  "--device-batch-size); use more GPUs (the state is sharded across ranks) or a smaller --depth")
-
-
-def ran_out_of_memory_anywhere(here: bool, rt: Runtime) -> bool:
-    """Whether any rank ran out of memory in this step (all ranks must take the same path)."""
-    flag = torch.tensor([1.0 if here else 0.0], device=rt.device)
-    return bool(distributed.all_reduce_max(flag).item() > 0)
 
 
 def handle_first_step_oom(cfg, rt, model, device_batch_size, grad_accum, x, y, make_train_loader, start_state, mon):
