@@ -410,10 +410,8 @@ def apply_schedules(optimizer, plan: scaling.TrainingPlan, step: int, cfg: Train
 
 def fp8_off(model):
     """The context that turns FP8 off for evaluation and sampling (a no-op without FP8)."""
-    try:
-        from nanotrain.ops.fp8 import disable_fp8
-    except ImportError:
-        return contextlib.nullcontext
+    from nanotrain.ops.fp8 import disable_fp8
+
     return lambda: disable_fp8(model)
 
 
