@@ -2,8 +2,11 @@
 compiler is present, the C++/CUDA extension nanotrain._C.
 
 The extension's sources are listed once, in csrc/sources.cmake (CMakeLists.txt reads the same file).
-- nvcc found (CUDA_HOME, /usr/local/cuda, or on PATH): C++ and CUDA sources, CUDA code for sm_90a and sm_80.
-- no nvcc: the C++ sources only (CPU ops such as the best-fit packer).
+- nvcc found (CUDA_HOME, /usr/local/cuda, or on PATH) and CUDA sources listed: C++ and CUDA sources, CUDA
+  code for sm_90a and sm_80.
+- no nvcc, or no CUDA sources listed (the case today): the C++ sources only (the best-fit packer).
+The library finds torch's libraries through a RUNPATH relative to itself (`runpaths`), never through the
+folder it was built in.
 - NANOTRAIN_NO_EXT=1, torch missing, or a failed compile: nanotrain installs as pure Python and says the
   extension is absent (nanotrain.ops._ext.extension_status() tells why at run time).
 Environment knobs: NANOTRAIN_NO_EXT=1 (skip the extension), NANOTRAIN_NO_CUDA=1 (C++ only),
@@ -103,10 +106,11 @@ def extension_modules() -> tuple[list, dict]:
     cxx = ["-O3"]
     nvcc: list[str] = []
     include_dirs = [os.path.join(ROOT, "csrc")]
-    with_cuda = cuda_home is not None and torch.version.cuda is not None
+    cuda_sources = lists.get("NANOTRAIN_CUDA_SOURCES", [])
+    with_cuda = cuda_home is not None and torch.version.cuda is not None and bool(cuda_sources)
     if with_cuda:
         gencode, label = arch_flags(os.environ.get("NANOTRAIN_CUDA_ARCHES", DEFAULT_ARCHES))
-        sources += lists.get("NANOTRAIN_CUDA_SOURCES", [])
+        sources += cuda_sources
         macros += [("NANOTRAIN_WITH_CUDA", "1"), ("NANOTRAIN_CUDA_ARCHES", f'"{label}"'),
                    ("NANOTRAIN_CUDA_VERSION", f'"{torch.version.cuda}"')]
         nvcc = ["-O3", "--expt-relaxed-constexpr", "-lineinfo", *gencode]
@@ -115,16 +119,11 @@ def extension_modules() -> tuple[list, dict]:
         Extension = cpp_extension.CUDAExtension
     else:
         why = "NANOTRAIN_NO_CUDA=1" if os.environ.get("NANOTRAIN_NO_CUDA") == "1" else (
-            "torch has no CUDA" if torch.version.cuda is None else "no nvcc found (set CUDA_HOME)")
+            "torch has no CUDA" if torch.version.cuda is None else
+            "csrc/sources.cmake lists no CUDA sources" if not cuda_sources else "no nvcc found (set CUDA_HOME)")
         say(f"building nanotrain._C CPU-only ({why}) from {len(sources)} sources.")
         Extension = cpp_extension.CppExtension
-    # Find torch's libraries (and the CUDA runtime torch itself loads) without `import torch` first, so that
-    # `import nanotrain._C` works on its own and never pairs torch with a second copy of libcudart.
-    torch_dir = os.path.dirname(os.path.abspath(torch.__file__))
-    rpaths = [os.path.join(torch_dir, "lib")]
-    if with_cuda:
-        rpaths += sorted(os.path.normpath(d) for d in glob.glob(os.path.join(torch_dir, "..", "nvidia", "*", "lib"))
-                         if glob.glob(os.path.join(d, "libcudart.so*")))
+    rpaths = runpaths(os.path.dirname(os.path.abspath(torch.__file__)), with_cuda)
     os.environ.setdefault("MAX_JOBS", "2")
     ext = Extension(
         name="nanotrain._C",
@@ -135,6 +134,25 @@ def extension_modules() -> tuple[list, dict]:
         extra_link_args=[f"-Wl,-rpath,{d}" for d in rpaths],
     )
     return [ext], {"build_ext": tolerant_build_ext(cpp_extension.BuildExtension)}
+
+
+def runpaths(torch_dir: str, with_cuda: bool) -> list[str]:
+    """The library search path (RUNPATH) of nanotrain._C, relative to the library itself ($ORIGIN), never to the
+    folder it was built in: pip builds in a temporary environment that is deleted after the install.
+
+    Installed as a package, nanotrain/ sits beside torch/ (and nvidia/, torch's CUDA runtime wheels) in the
+    same site-packages, so `$ORIGIN/../torch/lib` finds torch's libraries even when nanotrain._C is imported
+    before torch. In an editable or in-place build the library stays in the source tree, where those paths
+    lead nowhere; there nanotrain.ops._ext imports torch first, which loads the same libraries, and the dynamic
+    linker reuses them (it matches libraries already loaded by name).
+    """
+    paths = ["$ORIGIN/../torch/lib"]
+    if with_cuda:  # torch's own CUDA runtime (pip's nvidia-* wheels), never a second copy of libcudart
+        site = os.path.dirname(torch_dir)
+        paths += sorted("$ORIGIN/../" + os.path.relpath(d, site).replace(os.sep, "/")
+                        for d in glob.glob(os.path.join(site, "nvidia", "*", "lib"))
+                        if glob.glob(os.path.join(d, "libcudart.so*")))
+    return paths
 
 
 def remove_stale_extension() -> None:

@@ -13,7 +13,4 @@ TORCH_LIBRARY(nanotrain, m) {
   m.def(
       "best_fit_pack(Tensor tokens, Tensor offsets, int num_rows, int row_len)"
       " -> (Tensor rows, Tensor consumed, Tensor cropped)");
-
-  // y = relu(x)^2 elementwise (the MLP activation); CPU and CUDA implementations.
-  m.def("relu_squared(Tensor x) -> Tensor");
 }

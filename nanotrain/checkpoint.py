@@ -1,29 +1,38 @@
-"""Checkpoints that survive crashes: atomic save and verified load of a training run's full state.
+"""The checkpoint store: atomic save and verified load of a training run's full state, surviving crashes.
+
+This module is the store only. Which options a resumed run may change is the resume policy
+(nanotrain/resume.py, reading the rules from TrainConfig's field metadata in nanotrain/config.py), and
+rebuilding a model for evaluation is nanotrain/eval/loading.py.
 
 Layout (one folder per model tag, `paths.checkpoint_dir(tag, base)`):
 
     base_checkpoints/<tag>/
       latest                  one line naming the step folder saved last ("step_000500")
       step_000500/
-        model.pt              model state_dict (rank 0; float16/bfloat16 tensors upcast to float32, on CPU)
+        model.safetensors     model state_dict (rank 0; float16/bfloat16 tensors upcast to float32, on CPU), in the
+                              safetensors format: loading it runs no pickle and memory-maps the file
         optim_rank<r>.pt      optimizer state of rank r (its shard when the optimizer state is sharded)
         rank<r>.pt            per-rank extras: data-loader state, RNG state (`capture_rng_state`)
         meta.json             step, model_config, train_config, loop_state, world size, code version,
                               tokenizer and data fingerprints, time of the save
         CHECKSUMS             "<sha256>  <file>" for every other file (`sha256sum -c CHECKSUMS` works); written last
-      step_000600.tmp-<id>/   a save in progress, or one a crash interrupted: never loaded, removed by the next save
+      step_000600.tmp/        a save in progress, or one a crash interrupted: never loaded, removed by the next save
+
+Checkpoints written before the safetensors format hold model.pt (a torch.save state_dict) instead; they still
+load (with torch.load(weights_only=True)), and a new save never writes one.
 
 Why a crash never leaves a checkpoint that looks complete: every file is written into the temporary
 folder and fsynced, CHECKSUMS last, then the folder is fsynced and renamed to `step_<N>` in one atomic
 `rename`, and only then the `latest` pointer is replaced (write a temporary file, fsync, `os.replace`).
-Loaders accept only folders named `step_<N>` whose CHECKSUMS lists model.pt and meta.json and whose
+Loaders accept only folders named `step_<N>` whose CHECKSUMS lists the model file and meta.json and whose
 listed files all exist; the bytes are verified against the sha256 sums when a checkpoint is loaded.
 A process killed at any point leaves either the old state (plus a temporary folder the next save removes)
-or the complete new checkpoint.
+or the complete new checkpoint. One run writes into a tag at a time (a fresh run refuses a tag that has
+checkpoints, `train.check_fresh_start`), so the leftovers of an interrupted save are always safe to remove.
 
 Under torchrun all ranks write into the SAME temporary folder (the checkpoint folder must be on a
 filesystem every rank sees): rank 0 creates it; a barrier; every rank writes its own files (rank 0 also
-model.pt) and reports their sums; a barrier; rank 0 writes meta.json and CHECKSUMS, renames the folder and
+the model file) and reports their sums; a barrier; rank 0 writes meta.json and CHECKSUMS, renames the folder and
 moves the pointer; a last barrier. The barrier is
 `torch.distributed.barrier` when a process group is initialized, or any callable passed as `barrier=`
 (tests use `threading.Barrier(n).wait`).
@@ -33,7 +42,7 @@ How the training loop uses it (every rank runs the same calls):
     ckpt_dir = paths.checkpoint_dir(tag, base)
     # resume: validate up front, then load this rank's part
     step = resolve_step(ckpt_dir, cfg.resume_from_step)          # "latest" or N; UserError lists the steps
-    check_resume_compatible(read_meta(ckpt_dir, step), new_meta)  # UserError on a shape/tokenizer/data change
+    resume.check_resume_compatible(read_meta(ckpt_dir, step), new_meta)  # UserError on a shape/data change
     ckpt = load_checkpoint(ckpt_dir, step, rank=rank, device=device)
     raw_model.load_state_dict(ckpt.model_state); optimizer.load_state_dict(ckpt.optim_state)
     loader.load_state_dict(ckpt.rank_state["loader"]); restore_rng_state(ckpt.rank_state["rng"])
@@ -46,9 +55,14 @@ where meta = {"model_config": asdict(gpt_config), "train_config": cfg.to_dict(),
 "tokenizer_fingerprint": tok.fingerprint, "data_fingerprint": ..., "optim_sharded": bool} and new_meta is the
 same dict built by the resuming run (plus "world_size").
 
-Everything in the .pt files is plain Python containers, numbers, strings and tensors, so every file loads
-with `torch.load(..., weights_only=True)` (the default since torch 2.6); `save_checkpoint` refuses
-anything else (a numpy array, a custom object) before it writes a byte.
+Everything in the .pt files (optimizer and rank state) is plain Python containers, numbers, strings and
+tensors, so every file loads with `torch.load(..., weights_only=True)` (the default since torch 2.6);
+`save_checkpoint` refuses anything else (a numpy array, a custom object) before it writes a byte.
+
+Where to add a new checkpoint field: run-level facts go into the meta dict the trainer builds (train.run_meta;
+meta.json, checked by the resume policy when a resume must match it), per-rank state into rank_state
+(rankN.pt), and anything the store itself must guarantee (a new file kind) into _write_rank_files/_finish
+here, listed in CHECKSUMS like the others.
 """
 from __future__ import annotations
 
@@ -70,62 +84,25 @@ from pathlib import Path
 from typing import Any, BinaryIO, Callable
 
 import numpy as np
+import safetensors.torch
 import torch
 
 import nanotrain
-from nanotrain import paths
+from nanotrain.config import check_keep_last
 from nanotrain.errors import UserError
 
-MODEL_FILE = "model.pt"
+MODEL_FILE = "model.safetensors"
+LEGACY_MODEL_FILE = "model.pt"  # the model file of checkpoints written before format 2; loaded, never written
 META_FILE = "meta.json"
 CHECKSUMS_FILE = "CHECKSUMS"
 LATEST_FILE = "latest"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 1: model.pt (torch.save); 2: model.safetensors
 
 _STEP_RE = re.compile(r"^step_(\d+)$")
-# Leftovers of interrupted saves and deletions: "<name>.<kind>-<owner>" (owner: a pid, or "shared").
-_LEFTOVER_RE = re.compile(r"^(?:step_\d+|latest)\.(?:tmp|old|trash)-([A-Za-z0-9]+)$")
+# Leftovers of interrupted saves and deletions: "<name>.<kind>". Earlier versions tagged them with the saving
+# process ("<name>.<kind>-<pid>"); those are leftovers too.
+_LEFTOVER_RE = re.compile(r"^(?:step_\d+|latest)\.(?:tmp|old|trash)(?:-[A-Za-z0-9]+)?$")
 _PART_PREFIX = ".sums-rank"  # per-rank sums handed to rank 0 inside the temporary folder
-
-# train_config keys a resumed run must share with the checkpoint, and why. Every other key (cadences such as
-# eval_every, save_every, sample_every, core_metric_every, the run name, device type, kernels, keep_last, ...)
-# may change. The rule is "a resumed run continues the same run": anything that changes the model, the data
-# stream, the optimization trajectory or the numerics is refused; changing it means starting a new run.
-MUST_MATCH_TRAIN_KEYS: dict[str, str] = {
-    "depth": "model shape",
-    "aspect_ratio": "model shape",
-    "head_dim": "model shape",
-    "max_seq_len": "model shape and the rows the loader cuts",
-    "window_pattern": "model shape (attention windows)",
-    # The loader's saved position is a position in a stream cut into rows of device_batch_size x max_seq_len;
-    # with another micro-batch the same state would continue a different stream.
-    "device_batch_size": "data stream (rows per micro-batch)",
-    # Tokens per optimizer step: sets gradient accumulation, the data each step consumes and the LR/WD scaling.
-    "total_batch_size": "tokens per step",
-    "fp8": "matmul numerics",
-    "fp8_recipe": "matmul numerics",
-}
-# Options a resumed run may change on purpose (extend the horizon, lower the LR after a diverged loss). The run
-# is then no longer the uninterrupted one, so check_resume_compatible reports each change for the log.
-NOTED_TRAIN_KEYS: dict[str, str] = {
-    # The horizon fixes the number of steps, and the LR schedule (warmup, warmdown) is a fraction of it.
-    "num_iterations": "training horizon (LR schedule)",
-    "target_flops": "training horizon (LR schedule)",
-    "target_param_data_ratio": "training horizon (LR schedule)",
-    "embedding_lr": "optimizer hyperparameters",
-    "unembedding_lr": "optimizer hyperparameters",
-    "matrix_lr": "optimizer hyperparameters",
-    "scalar_lr": "optimizer hyperparameters",
-    "weight_decay": "optimizer hyperparameters",
-    "adam_beta1": "optimizer hyperparameters",
-    "adam_beta2": "optimizer hyperparameters",
-    "warmup_ratio": "LR schedule",
-    "warmdown_ratio": "LR schedule",
-    "final_lr_frac": "LR schedule",
-}
-# Options that set the model shape, shown as the flags to pass when the shape differs.
-_SHAPE_FLAGS = ("depth", "aspect_ratio", "head_dim", "max_seq_len", "window_pattern")
-
 
 @dataclass
 class Checkpoint:
@@ -159,10 +136,16 @@ def _read_checksums(step_dir: Path) -> dict[str, str] | None:
     return sums
 
 
+def _model_file(sums: dict[str, str]) -> str | None:
+    """The model file a checkpoint's CHECKSUMS lists: model.safetensors, or model.pt in an older checkpoint."""
+    return next((name for name in (MODEL_FILE, LEGACY_MODEL_FILE) if name in sums), None)
+
+
 def _is_complete(step_dir: Path) -> bool:
-    """Cheap structural check (no hashing): CHECKSUMS names model.pt and meta.json and every listed file exists."""
+    """Cheap structural check (no hashing): CHECKSUMS names a model file and meta.json and every listed file
+    exists."""
     sums = _read_checksums(step_dir)
-    if sums is None or MODEL_FILE not in sums or META_FILE not in sums:
+    if sums is None or _model_file(sums) is None or META_FILE not in sums:
         return False
     return all((step_dir / name).is_file() for name in sums)
 
@@ -287,6 +270,17 @@ def _write_torch(path: Path, obj: Any) -> str:
     return w.sha.hexdigest()
 
 
+def _write_model(path: Path, model_state: dict[str, torch.Tensor]) -> str:
+    """Write the model state in the safetensors format to a new file, fsync it, return its sha256."""
+    data = safetensors.torch.save(model_state, metadata={"format": "pt"})
+    with open(path, "xb") as f:
+        w = _HashingWriter(f, path.name)
+        w.write(data)
+        w.flush()
+        os.fsync(f.fileno())
+    return w.sha.hexdigest()
+
+
 def _write_bytes(path: Path, data: bytes) -> str:
     """Write data to a new file, fsync it, return its sha256."""
     with open(path, "xb") as f:
@@ -306,7 +300,7 @@ def _sha256_file(path: Path) -> str:
 
 def _write_latest(ckpt_dir: Path, name: str) -> None:
     """Point `latest` at a step folder: write a temporary file, fsync, rename over the old pointer."""
-    tmp = ckpt_dir / f"{LATEST_FILE}.tmp-{os.getpid()}"
+    tmp = ckpt_dir / f"{LATEST_FILE}.tmp"
     tmp.unlink(missing_ok=True)
     _write_bytes(tmp, (name + "\n").encode())
     os.replace(tmp, ckpt_dir / LATEST_FILE)
@@ -320,23 +314,11 @@ def _remove(path: Path) -> None:
         path.unlink(missing_ok=True)
 
 
-def _pid_alive(pid: int) -> bool:
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def clean_stale(ckpt_dir: str | os.PathLike) -> list[str]:
     """Remove what interrupted saves left behind (temporary step folders, half-deleted ones, pointer temp files).
 
-    Leftovers owned by another live process on this machine (a second run saving into the same folder) are
-    kept. Returns the names removed. Called by rank 0 at the start of every save.
+    Returns the names removed. Called by rank 0 at the start of every save (one run saves into a tag at a
+    time, so nothing else can be writing them).
     """
     ckpt_dir = Path(ckpt_dir)
     removed = []
@@ -345,11 +327,7 @@ def clean_stale(ckpt_dir: str | os.PathLike) -> list[str]:
     except (FileNotFoundError, NotADirectoryError):
         return removed
     for entry in entries:
-        m = _LEFTOVER_RE.match(entry.name)
-        if m is None:
-            continue
-        owner = m.group(1)
-        if owner.isdigit() and int(owner) != os.getpid() and _pid_alive(int(owner)):
+        if _LEFTOVER_RE.match(entry.name) is None:
             continue
         _remove(entry)
         removed.append(entry.name)
@@ -382,17 +360,22 @@ def _check_plain(obj: Any, where: str) -> None:
 
 
 def _prepare_model_state(model_state: dict) -> dict:
-    """The model state as saved: detached CPU tensors, float16/bfloat16 upcast to float32 (exact), views
-    compacted (so a slice does not drag its whole storage along), torch.compile's `_orig_mod.` stripped."""
+    """The model state as saved: detached contiguous CPU tensors, float16/bfloat16 upcast to float32 (exact),
+    views compacted (so a slice does not drag its whole storage along), tensors that share memory given their
+    own copy (safetensors stores each tensor's bytes once), torch.compile's `_orig_mod.` stripped."""
     out = {}
+    seen: set[int] = set()
     for key, value in model_state.items():
         if not isinstance(value, torch.Tensor):
             raise TypeError(f"model_state[{key!r}] is a {type(value).__name__}, expected a tensor")
         t = value.detach().cpu()  # to the host first: upcasting on the GPU could run out of memory mid-save
         if t.dtype in (torch.float16, torch.bfloat16):
             t = t.float()
-        if t.untyped_storage().nbytes() != t.numel() * t.element_size():
-            t = t.clone()
+        ptr = t.untyped_storage().data_ptr()
+        if (t.untyped_storage().nbytes() != t.numel() * t.element_size() or not t.is_contiguous()
+                or (t.numel() and ptr in seen)):
+            t = t.clone(memory_format=torch.contiguous_format)
+        seen.add(t.untyped_storage().data_ptr())
         out[key.replace("_orig_mod.", "")] = t
     return out
 
@@ -413,7 +396,7 @@ def _json_default(o: Any) -> Any:
     raise TypeError(f"{type(o).__name__} is not JSON-serializable; put plain values in the checkpoint meta")
 
 
-def _jsonable(obj: Any) -> Any:
+def jsonable(obj: Any) -> Any:
     """obj as it reads back from meta.json (dataclasses to dicts, tuples to lists, ...)."""
     return json.loads(json.dumps(obj, default=_json_default))
 
@@ -449,18 +432,6 @@ def _resolve_barrier(barrier: Callable[[], None] | None, world_size: int) -> Cal
                      "or pass barrier=")
 
 
-def _save_owner(world_size: int) -> str:
-    """The name every rank uses for this save's temporary folder: rank 0's pid where it can be shared."""
-    if world_size == 1:
-        return str(os.getpid())
-    import torch.distributed as dist
-    if dist.is_available() and dist.is_initialized():
-        box = [os.getpid()]
-        dist.broadcast_object_list(box, src=0)
-        return str(box[0])
-    return "shared"
-
-
 def save_checkpoint(ckpt_dir: str | os.PathLike, step: int, model_state: dict | None, optim_state: dict | None,
                     meta: dict, rank_state: dict | None = None, rank: int = 0, world_size: int = 1,
                     keep_last: int | None = None, *, barrier: Callable[[], None] | None = None) -> Path:
@@ -471,7 +442,8 @@ def save_checkpoint(ckpt_dir: str | os.PathLike, step: int, model_state: dict | 
     extras, e.g. {"loader": loader.state_dict(), "rng": capture_rng_state()}. meta: JSON-able dict with
     "model_config", "train_config", "loop_state", "tokenizer_fingerprint", "data_fingerprint" and optionally
     "optim_sharded" (default: True when world_size > 1); step, world_size, code version and time are added.
-    keep_last: prune to the newest N checkpoints afterwards (None or -1 keeps all). barrier: synchronizes the
+    keep_last: prune to the newest N checkpoints afterwards (None or -1 keeps all; checked before anything is
+    written, with the one rule of --keep-last, config.check_keep_last). barrier: synchronizes the
     ranks (default torch.distributed.barrier when world_size > 1).
 
     Raises UserError when the disk is full (the previous checkpoints stay intact), TypeError when a state holds
@@ -481,14 +453,13 @@ def save_checkpoint(ckpt_dir: str | os.PathLike, step: int, model_state: dict | 
         raise ValueError(f"step must be a non-negative int, got {step!r}")
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is outside world_size {world_size}")
-    if keep_last is not None and keep_last != -1 and keep_last < 1:
-        raise UserError(f"--keep-last must be at least 1 (or -1 to keep every checkpoint), got {keep_last}")
+    if keep_last is not None:
+        check_keep_last(keep_last)
     sync = _resolve_barrier(barrier, world_size)
     ckpt_dir = Path(ckpt_dir)
     final = ckpt_dir / step_dir_name(step)
 
-    owner = _save_owner(world_size)
-    tmp = ckpt_dir / f"{final.name}.tmp-{owner}"
+    tmp = ckpt_dir / f"{final.name}.tmp"  # every rank derives the same name
     # Every rank calls the barrier exactly three times even when its own work fails (later work is skipped and
     # the first error raised at the end), so one rank's failure never leaves the others waiting forever.
     errors: list[Exception] = []
@@ -507,7 +478,7 @@ def save_checkpoint(ckpt_dir: str | os.PathLike, step: int, model_state: dict | 
             if not isinstance(model_state, dict) or not model_state:
                 raise ValueError("rank 0 must pass the model state_dict to save_checkpoint")
             model_state = _prepare_model_state(model_state)
-            meta = _jsonable(meta)
+            meta = jsonable(meta)
         if optim_state is not None:
             _check_plain(optim_state, "optim_state")
         if rank_state is not None:
@@ -559,7 +530,7 @@ def _write_rank_files(tmp: Path, rank: int, model_state: dict | None, optim_stat
                            "is the checkpoint folder on a filesystem every rank sees?")
     sums: dict[str, str] = {}
     if rank == 0:
-        sums[MODEL_FILE] = _write_torch(tmp / MODEL_FILE, model_state)
+        sums[MODEL_FILE] = _write_model(tmp / MODEL_FILE, model_state)
     if optim_state is not None:
         sums[f"optim_rank{rank}.pt"] = _write_torch(tmp / f"optim_rank{rank}.pt", optim_state)
     if rank_state is not None:
@@ -588,7 +559,7 @@ def _finish(ckpt_dir: Path, tmp: Path, final: Path, step: int, world_size: int, 
     meta = dict(meta)
     meta.setdefault("optim_sharded", world_size > 1 and has_optim)
     meta.update(step=step, world_size=world_size, format=FORMAT_VERSION, has_optim=has_optim,
-                code_version=meta.get("code_version") or code_version(), torch_version=torch.__version__,
+                code_version=code_version(), torch_version=torch.__version__,
                 timestamp=time.time(),
                 saved_at=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
     sums[META_FILE] = _write_bytes(tmp / META_FILE, json.dumps(meta, indent=1, sort_keys=True).encode())
@@ -597,7 +568,7 @@ def _finish(ckpt_dir: Path, tmp: Path, final: Path, step: int, world_size: int, 
     _fsync_dir(tmp)
     old = None
     if final.exists():  # saving a step again: set the old copy aside, then drop it
-        old = final.with_name(f"{final.name}.old-{os.getpid()}")
+        old = final.with_name(f"{final.name}.old")
         _remove(old)
         os.rename(final, old)
     os.rename(tmp, final)
@@ -607,21 +578,24 @@ def _finish(ckpt_dir: Path, tmp: Path, final: Path, step: int, world_size: int, 
     _write_latest(ckpt_dir, final.name)
     if keep_last is not None and keep_last != -1:
         try:
-            prune(ckpt_dir, keep_last)
+            _prune(ckpt_dir, keep_last)
         except OSError as e:  # the new checkpoint is complete; an old one left behind is not worth failing over
             warnings.warn(f"could not prune old checkpoints in {ckpt_dir}: {e}", stacklevel=3)
 
 
 def prune(ckpt_dir: str | os.PathLike, keep_last: int) -> list[int]:
-    """Delete complete checkpoints beyond the newest `keep_last`; returns the steps deleted.
+    """Delete complete checkpoints beyond the newest `keep_last` (-1: none); returns the steps deleted.
 
     Never deletes the highest step nor the one `latest` points at; never touches a save in progress (those
     are not `step_<N>` folders yet). Each folder is renamed before it is deleted, so a crash mid-delete
     leaves a leftover the next save removes, never a half-deleted folder under a step name.
     """
-    if keep_last < 1:
-        raise UserError(f"--keep-last must be at least 1 (or -1 to keep every checkpoint), got {keep_last}")
-    ckpt_dir = Path(ckpt_dir)
+    check_keep_last(keep_last)
+    return [] if keep_last == -1 else _prune(Path(ckpt_dir), keep_last)
+
+
+def _prune(ckpt_dir: Path, keep_last: int) -> list[int]:
+    """prune with keep_last >= 1 already checked."""
     steps = list_steps(ckpt_dir)
     keep = set(steps[-keep_last:])
     latest = latest_step(ckpt_dir)
@@ -632,7 +606,7 @@ def prune(ckpt_dir: str | os.PathLike, keep_last: int) -> list[int]:
         if step in keep:
             continue
         d = ckpt_dir / step_dir_name(step)
-        trash = d.with_name(f"{d.name}.trash-{os.getpid()}")
+        trash = d.with_name(f"{d.name}.trash")
         _remove(trash)
         os.rename(d, trash)
         _remove(trash)
@@ -677,13 +651,30 @@ def _verified_path(ckpt_dir: Path, step: int, sums: dict[str, str], name: str) -
     return path
 
 
+def _unloadable(path: Path, e: Exception) -> UserError:
+    # the sums match, so this is a file nanotrain did not write
+    return UserError(f"checkpoint file {path} cannot be loaded ({type(e).__name__}: {str(e)[:200]}); "
+                     "it was not written by nanotrain's save_checkpoint: start a new run or restore it")
+
+
 def _load_torch(ckpt_dir: Path, step: int, sums: dict[str, str], name: str, device) -> Any:
     path = _verified_path(ckpt_dir, step, sums, name)
     try:
         return torch.load(path, map_location=device, weights_only=True)
-    except Exception as e:  # the sums match, so this is a file nanotrain did not write
-        raise UserError(f"checkpoint file {path} cannot be loaded ({type(e).__name__}: {str(e)[:200]}); "
-                        "it was not written by nanotrain's save_checkpoint: start a new run or restore it") from None
+    except Exception as e:
+        raise _unloadable(path, e) from None
+
+
+def _load_model_state(ckpt_dir: Path, step: int, sums: dict[str, str], device) -> dict[str, torch.Tensor]:
+    """The model state_dict: model.safetensors memory-mapped (no pickle), or an older checkpoint's model.pt."""
+    name = _model_file(sums)
+    if name == LEGACY_MODEL_FILE:
+        return _load_torch(ckpt_dir, step, sums, name, device)
+    path = _verified_path(ckpt_dir, step, sums, MODEL_FILE)
+    try:
+        return safetensors.torch.load_file(path, device=str(torch.device(device)))
+    except Exception as e:
+        raise _unloadable(path, e) from None
 
 
 def read_meta(ckpt_dir: str | os.PathLike, step: int | str = "latest") -> dict:
@@ -717,14 +708,14 @@ def load_checkpoint(ckpt_dir: str | os.PathLike, step: int | str = "latest", ran
     sums = _read_checksums(step_dir)
     if sums is None:  # removed between reading meta and here (a concurrent prune)
         raise UserError(f"checkpoint {step_dir} disappeared while loading; try again")
-    model_state = _load_torch(ckpt_dir, n, sums, MODEL_FILE, device)
+    model_state = _load_model_state(ckpt_dir, n, sums, device)
     optim_state = None
     if load_optim:
         own, first = f"optim_rank{rank}.pt", "optim_rank0.pt"
-        saved_world = meta.get("world_size", 1)
+        saved_world = meta["world_size"]
         if own in sums:
             optim_state = _load_torch(ckpt_dir, n, sums, own, device)
-        elif first in sums and not meta.get("optim_sharded", saved_world > 1):
+        elif first in sums and not meta["optim_sharded"]:
             optim_state = _load_torch(ckpt_dir, n, sums, first, device)
         elif any(name.startswith("optim_rank") for name in sums):
             raise UserError(f"checkpoint {step_dir} has no optimizer shard for rank {rank}: it was written by "
@@ -734,57 +725,6 @@ def load_checkpoint(ckpt_dir: str | os.PathLike, step: int | str = "latest", ran
     rank_state = _load_torch(ckpt_dir, n, sums, rank_file, "cpu") if rank_file in sums else None
     return Checkpoint(step=n, model_state=model_state, optim_state=optim_state, rank_state=rank_state, meta=meta,
                       path=step_dir)
-
-
-# ----------------------------------------------------------------------------------------------- resume checks
-def check_resume_compatible(saved_meta: dict, new_meta: dict) -> list[str]:
-    """Refuse (UserError) a resume that cannot continue the run; return notes on deliberate changes.
-
-    Refused: a different model shape (model_config), tokenizer fingerprint or data fingerprint; a different
-    world size when the optimizer state is sharded (each rank holds a slice that only that rank count can
-    use); any change of a MUST_MATCH_TRAIN_KEYS option (see there why each matters). A key missing (or None)
-    on either side is not compared, so older checkpoints and partial metas still resume. Changes of
-    NOTED_TRAIN_KEYS options (horizon, LRs) are allowed and returned as one note each; cadences pass silently.
-    """
-    saved, new = _jsonable(saved_meta), _jsonable(new_meta)
-    s_train, n_train = saved.get("train_config") or {}, new.get("train_config") or {}
-
-    s_cfg, n_cfg = saved.get("model_config"), new.get("model_config")
-    if s_cfg is not None and n_cfg is not None and s_cfg != n_cfg:
-        diffs = [f"{k} {s_cfg.get(k)!r} -> {n_cfg.get(k)!r}" for k in sorted(set(s_cfg) | set(n_cfg))
-                 if s_cfg.get(k) != n_cfg.get(k)]
-        flags = " ".join(f"--{k.replace('_', '-')}={s_train[k]}" for k in _SHAPE_FLAGS if k in s_train)
-        how = f"resume with the checkpoint's options ({flags})" if flags else "resume with the checkpoint's options"
-        raise UserError(f"cannot resume: the model shape differs from the checkpoint's ({', '.join(diffs)}); "
-                        f"{how} or start a new run under another --model-tag")
-
-    for key, what, where in (("tokenizer_fingerprint", "tokenizer", "the tokenizer/ folder of the base dir"),
-                             ("data_fingerprint", "training data", "the base_data/ shards")):
-        a, b = saved.get(key), new.get(key)
-        if a is not None and b is not None and a != b:
-            raise UserError(f"cannot resume: the {what} differs from the one the checkpoint was trained with "
-                            f"(fingerprint {a} -> {b}); restore {where} the run used, or start a new run under "
-                            "another --model-tag")
-
-    s_world, n_world = saved.get("world_size"), new.get("world_size")
-    sharded = saved.get("optim_sharded", (s_world or 1) > 1)
-    if s_world is not None and n_world is not None and s_world != n_world and sharded:
-        raise UserError(f"cannot resume: the checkpoint was written by {s_world} processes with a sharded optimizer "
-                        f"state and this run has {n_world}; relaunch with {s_world} processes (e.g. torchrun "
-                        f"--nproc_per_node={s_world}), or start a new run under another --model-tag")
-
-    changed = [k for k in MUST_MATCH_TRAIN_KEYS
-               if k in s_train and k in n_train and s_train[k] is not None and n_train[k] is not None
-               and s_train[k] != n_train[k]]
-    if changed:
-        diffs = ", ".join(f"--{k.replace('_', '-')} {s_train[k]!r} -> {n_train[k]!r} ({MUST_MATCH_TRAIN_KEYS[k]})"
-                          for k in changed)
-        raise UserError(f"cannot resume: {diffs} changed since the checkpoint; resume with the checkpoint's values "
-                        "or start a new run under another --model-tag (cadences such as --eval-every, the horizon "
-                        "and the learning rates may change)")
-    return [f"--{k.replace('_', '-')} changed from {s_train[k]!r} to {n_train[k]!r} ({NOTED_TRAIN_KEYS[k]})"
-            for k in NOTED_TRAIN_KEYS if k in s_train and k in n_train and s_train[k] is not None
-            and n_train[k] is not None and s_train[k] != n_train[k]]
 
 
 # ----------------------------------------------------------------------------------------------- RNG state
@@ -823,56 +763,6 @@ def restore_rng_state(state: dict) -> None:
         torch.mps.set_rng_state(state["torch_mps"])
 
 
-# ----------------------------------------------------------------------------------------------- models for eval
-def load_model(model_tag: str, step: int | str = "latest", device="cpu",
-               base_dir: str | os.PathLike | None = None) -> tuple[Any, Any, dict]:
-    """(model in eval mode on `device`, the base dir's tokenizer, meta) of a saved checkpoint.
-
-    The GPT is rebuilt from meta's model_config on the meta device, allocated on `device`, initialized (for
-    the buffers a state_dict does not hold) and loaded. UserError when the tokenizer in the base dir is not
-    the one the checkpoint was trained with, or the weights do not fit the model this code builds.
-    """
-    from nanotrain.data.tokenizer import load_tokenizer
-    from nanotrain.model import GPT, GPTConfig
-
-    ckpt_dir = paths.checkpoint_dir(model_tag, base_dir)
-    ckpt = load_checkpoint(ckpt_dir, step, rank=0, device="cpu", load_optim=False)
-    meta = ckpt.meta
-    tokenizer = load_tokenizer(base_dir)
-    expected = meta.get("tokenizer_fingerprint")
-    if expected is not None and tokenizer.fingerprint != expected:
-        raise UserError(f"the tokenizer in {paths.tokenizer_dir(base_dir)} (fingerprint {tokenizer.fingerprint}) is "
-                        f"not the one {ckpt.path} was trained with (fingerprint {expected}); restore that tokenizer "
-                        "or pass the --base-dir the model was trained in")
-    cfg = dict(meta.get("model_config") or {})
-    known = {f.name for f in dataclasses.fields(GPTConfig)}
-    unknown = sorted(set(cfg) - known)
-    version = meta.get("code_version") or {}
-    if isinstance(version, str):  # early checkpoints stored the package version alone
-        version = {"nanotrain": version}
-    written_by = f"nanotrain {version.get('nanotrain')} (commit {version.get('git_commit') or 'unknown'})"
-    if unknown:
-        raise UserError(f"checkpoint {ckpt.path} has model options this nanotrain does not know "
-                        f"({', '.join(unknown)}); it was written by {written_by}: use that version")
-    try:
-        config = GPTConfig(**cfg)
-    except (TypeError, ValueError) as e:
-        raise UserError(f"checkpoint {ckpt.path} has an invalid model config ({e}); it was written by {written_by}: "
-                        "use that version") from None
-    kwargs = {"pad_vocab_size_to": meta["pad_vocab_size_to"]} if "pad_vocab_size_to" in meta else {}
-    with torch.device("meta"):
-        model = GPT(config, **kwargs)
-    model.to_empty(device=device)
-    model.init_weights()
-    try:
-        model.load_state_dict(ckpt.model_state, strict=True)
-    except RuntimeError as e:
-        raise UserError(f"the weights in {ckpt.path} do not fit the model this nanotrain builds "
-                        f"({str(e).splitlines()[0][:200]}); it was written by {written_by}: use that version") from None
-    model.eval()
-    return model, tokenizer, meta
-
-
-__all__ = ["Checkpoint", "MUST_MATCH_TRAIN_KEYS", "capture_rng_state", "check_resume_compatible", "clean_stale",
-           "code_version", "latest_step", "list_steps", "load_checkpoint", "load_model", "prune", "read_meta",
-           "resolve_step", "restore_rng_state", "save_checkpoint", "step_dir_name"]
+__all__ = ["Checkpoint", "capture_rng_state", "clean_stale", "code_version", "jsonable", "latest_step", "list_steps",
+           "load_checkpoint", "prune", "read_meta", "resolve_step", "restore_rng_state", "save_checkpoint",
+           "step_dir_name"]

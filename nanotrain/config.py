@@ -9,64 +9,117 @@ import argparse
 import dataclasses
 import re
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 from nanotrain.errors import UserError
 
 EVAL_TOKENS_DEFAULT = 40 * 1024 * 1024  # 41,943,040 (the seed's "40M")
 
 
+# Resume rules: what a run resumed from a checkpoint (--resume-from-step) may change, one per option (resume.py
+# applies them). The rule is "a resumed run continues the same run": an option that changes the model, the data
+# stream, the optimization trajectory or the numerics MUST_MATCH (changing it means starting a new run); the
+# horizon and the optimizer hyperparameters may change on purpose (extend the run, lower the LR after a diverged
+# loss), which makes it no longer the uninterrupted run, so each such change is NOTED in the log; everything else
+# (cadences, names, paths, runtime choices) is FREE.
+MUST_MATCH, NOTED, FREE = "must match", "noted", "free"
+
+
+def option(default: Any, help: str, resume: str, why: str) -> Any:
+    """A TrainConfig field: its default, its --help text, its resume rule (MUST_MATCH, NOTED or FREE) and why."""
+    if resume not in (MUST_MATCH, NOTED, FREE):
+        raise ValueError(f"unknown resume rule {resume!r}")
+    return field(default=default, metadata={"help": help, "resume": resume, "why": why})
+
+
+_HORIZON = "training horizon (LR schedule)"
+_OPTIM = "optimizer hyperparameters"
+_CADENCE = "a cadence: when to evaluate, sample or save, not what is trained"
+
+
 @dataclass(frozen=True)
 class TrainConfig:
+    """Every option of `nanotrain`. Each field carries its --help text and its resume rule (see `option`); add a
+    new option here, with both, and validate its value in `validate`."""
     # logging
-    run: str = "dummy"
+    run: str = option("dummy", "wandb run name; 'dummy' disables wandb", FREE, "logging only")
     # runtime
-    device_type: str = "auto"
+    device_type: str = option("auto", "cuda, cpu or mps (default: autodetect)", FREE,
+                              "where the run computes, not what it computes")
     # FP8
-    fp8: bool = False
-    fp8_recipe: str = "tensorwise"
+    fp8: bool = option(False, "FP8 matmuls for the large linears (H100-class GPUs)", MUST_MATCH, "matmul numerics")
+    fp8_recipe: str = option("tensorwise", "FP8 scaling: tensorwise (faster) or rowwise", MUST_MATCH,
+                             "matmul numerics")
     # model
-    depth: int = 20
-    aspect_ratio: int = 64
-    head_dim: int = 128
-    max_seq_len: int = 2048
-    window_pattern: str = "SSSL"
+    depth: int = option(20, "transformer layers: the one dial that sizes everything else", MUST_MATCH, "model shape")
+    aspect_ratio: int = option(64, "model_dim = depth x aspect_ratio, rounded up to a multiple of --head-dim",
+                               MUST_MATCH, "model shape")
+    head_dim: int = option(128, "target attention head dimension", MUST_MATCH, "model shape")
+    max_seq_len: int = option(2048, "context length", MUST_MATCH, "model shape and the rows the loader cuts")
+    window_pattern: str = option(
+        "SSSL", "sliding-window pattern tiled over layers: L = full context, S = half; last layer always L",
+        MUST_MATCH, "model shape (attention windows)")
     # horizon (in this order of precedence)
-    num_iterations: int = -1
-    target_flops: float = -1.0
-    target_param_data_ratio: float = 10.5
+    num_iterations: int = option(-1, "explicit number of optimizer steps (-1 = use the next horizon option)", NOTED,
+                                 _HORIZON)
+    target_flops: float = option(-1.0, "train until this many FLOPs (-1 = off)", NOTED, _HORIZON)
+    target_param_data_ratio: float = option(10.5, "tokens : scaling-params ratio of the horizon (-1 = off)", NOTED,
+                                            _HORIZON)
     # optimization
-    device_batch_size: int = 32
-    total_batch_size: int = -1
-    embedding_lr: float = 0.3
-    unembedding_lr: float = 0.004
-    matrix_lr: float = 0.02
-    scalar_lr: float = 0.5
-    weight_decay: float = 0.2
-    adam_beta1: float = 0.8
-    adam_beta2: float = 0.95
-    warmup_ratio: float = 0.0
-    warmdown_ratio: float = 0.5
-    final_lr_frac: float = 0.0
-    resume_from_step: int | str = -1
+    # The loader's saved position is a position in a stream cut into rows of device_batch_size x max_seq_len; with
+    # another micro-batch the same state would continue a different stream.
+    device_batch_size: int = option(32, "sequences per device per micro-step (reduce on out-of-memory)", MUST_MATCH,
+                                    "data stream (rows per micro-batch)")
+    # Tokens per optimizer step: sets gradient accumulation, the data each step consumes and the LR/WD scaling.
+    total_batch_size: int = option(-1, "tokens per optimizer step (-1 = auto from the horizon)", MUST_MATCH,
+                                   "tokens per step")
+    embedding_lr: float = option(0.3, "AdamW LR of the token embedding", NOTED, _OPTIM)
+    unembedding_lr: float = option(0.004, "AdamW LR of the output head", NOTED, _OPTIM)
+    matrix_lr: float = option(0.02, "Muon LR of the transformer matrices", NOTED, _OPTIM)
+    scalar_lr: float = option(0.5, "AdamW LR of the per-layer scalars", NOTED, _OPTIM)
+    weight_decay: float = option(0.2, "cautious weight decay of the Muon matrices (scaled with batch and horizon)",
+                                 NOTED, _OPTIM)
+    adam_beta1: float = option(0.8, "AdamW beta1", NOTED, _OPTIM)
+    adam_beta2: float = option(0.95, "AdamW beta2", NOTED, _OPTIM)
+    warmup_ratio: float = option(0.0, "fraction of steps of linear LR warmup", NOTED, "LR schedule")
+    warmdown_ratio: float = option(0.5, "fraction of steps of linear LR warmdown", NOTED, "LR schedule")
+    final_lr_frac: float = option(0.0, "LR at the end, as a fraction of the peak", NOTED, "LR schedule")
+    resume_from_step: int | str = option(-1, "resume from this saved step, or 'latest' (-1 = start fresh)", FREE,
+                                         "names the checkpoint to resume from")
     # evaluation
-    eval_every: int = 250
-    eval_tokens: int = EVAL_TOKENS_DEFAULT
-    core_metric_every: int = 2000
-    core_metric_max_per_task: int = 500
-    sample_every: int = 2000
+    eval_every: int = option(250, "val bpb every N steps (-1 = off)", FREE, _CADENCE)
+    eval_tokens: int = option(EVAL_TOKENS_DEFAULT, "tokens per val bpb evaluation", FREE,
+                              "measures the model, does not change it")
+    core_metric_every: int = option(2000, "CORE metric every N steps (-1 = off)", FREE, _CADENCE)
+    core_metric_max_per_task: int = option(500, "CORE examples per task (-1 = all)", FREE,
+                                           "measures the model, does not change it")
+    sample_every: int = option(2000, "print samples every N steps (-1 = off)", FREE, _CADENCE)
     # output
-    save_every: int = -1
-    model_tag: str | None = None
+    save_every: int = option(-1, "checkpoint every N steps (-1 = at the end only)", FREE, _CADENCE)
+    model_tag: str | None = option(None, "checkpoint folder name (default d{depth})", FREE,
+                                   "names the folder the checkpoint is read from")
     # beyond the seed
-    base_dir: str | None = None
-    kernels: str | None = None
-    seed: int = 42
-    keep_last: int = -1
-    compile: str = "auto"
-    oom_auto_batch: bool = False
-    overwrite: bool = False
-    eval_bundle_dir: str | None = None
+    base_dir: str | None = option(
+        None, "where data, tokenizer and checkpoints live (default $NANOTRAIN_BASE_DIR or ~/.cache/nanotrain)", FREE,
+        "a path; the data and tokenizer behind it are compared by fingerprint")
+    kernels: str | None = option(
+        None, "force op backends, e.g. attention=triton,muon=reference; alone: print the backend table", FREE,
+        "backends compute the same ops within the bounds of DESIGN.md")
+    seed: int = option(42, "random seed of the weights init", FREE,
+                       "the weights and RNG states come from the checkpoint")
+    keep_last: int = option(-1, "keep only the newest N checkpoints (-1 = keep all)", FREE, "output housekeeping")
+    compile: str = option("auto", "torch.compile the model: auto (CUDA, and CPU runs of 200+ steps), on, off", FREE,
+                          "the same computation, compiled or not")
+    oom_auto_batch: bool = option(
+        False, "on out-of-memory at the first step, halve --device-batch-size (or lower it to a divisor) and keep the "
+        "total batch", FREE, "acts only at the first step of a fresh run")
+    overwrite: bool = option(
+        False, "start fresh in a --model-tag that has checkpoints (its folder is renamed aside, not deleted)", FREE,
+        "acts only on a fresh start")
+    eval_bundle_dir: str | None = option(
+        None, "folder of the CORE eval bundle (default: <base-dir>/eval_bundle, downloaded on first use)", FREE,
+        "a path to evaluation data")
 
     def __post_init__(self) -> None:
         validate(self)
@@ -132,12 +185,18 @@ def validate(c: TrainConfig) -> None:
         _fail("eval_tokens", f"is {c.eval_tokens}", "pass a positive number of tokens")
     if c.core_metric_max_per_task != -1 and c.core_metric_max_per_task < 1:
         _fail("core_metric_max_per_task", f"is {c.core_metric_max_per_task}", "pass a positive count or -1 (all)")
-    if c.keep_last != -1 and c.keep_last < 1:
-        _fail("keep_last", f"is {c.keep_last}", "pass how many checkpoints to keep (1 or more), or -1 to keep all")
+    check_keep_last(c.keep_last)
     if c.compile not in ("auto", "on", "off"):
         _fail("compile", f"is '{c.compile}'", "use auto, on or off")
     if c.model_tag is not None and not re.fullmatch(r"[A-Za-z0-9._-]+", c.model_tag):
         _fail("model_tag", f"is '{c.model_tag}'", "use letters, digits, '.', '_' and '-' only")
+
+
+def check_keep_last(keep_last: int) -> None:
+    """The one rule of --keep-last (also applied by checkpoint.save_checkpoint and prune to their callers)."""
+    if keep_last != -1 and keep_last < 1:
+        raise UserError(f"--keep-last must be at least 1, got {keep_last}; pass how many checkpoints to keep, "
+                        "or -1 to keep every checkpoint")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -157,63 +216,20 @@ def _resume_step(value: str) -> int | str:
         raise argparse.ArgumentTypeError(f"invalid step '{value}' (pass a step number, 'latest', or -1)")
 
 
-HELP = {
-    "run": "wandb run name; 'dummy' disables wandb",
-    "device_type": "cuda, cpu or mps (default: autodetect)",
-    "fp8": "FP8 matmuls for the large linears (H100-class GPUs)",
-    "fp8_recipe": "FP8 scaling: tensorwise (faster) or rowwise",
-    "depth": "transformer layers: the one dial that sizes everything else",
-    "aspect_ratio": "model_dim = depth x aspect_ratio, rounded up to a multiple of --head-dim",
-    "head_dim": "target attention head dimension",
-    "max_seq_len": "context length",
-    "window_pattern": "sliding-window pattern tiled over layers: L = full context, S = half; last layer always L",
-    "num_iterations": "explicit number of optimizer steps (-1 = use the next horizon option)",
-    "target_flops": "train until this many FLOPs (-1 = off)",
-    "target_param_data_ratio": "tokens : scaling-params ratio of the horizon (-1 = off)",
-    "device_batch_size": "sequences per device per micro-step (reduce on out-of-memory)",
-    "total_batch_size": "tokens per optimizer step (-1 = auto from the horizon)",
-    "embedding_lr": "AdamW LR of the token embedding", "unembedding_lr": "AdamW LR of the output head",
-    "matrix_lr": "Muon LR of the transformer matrices", "scalar_lr": "AdamW LR of the per-layer scalars",
-    "weight_decay": "cautious weight decay of the Muon matrices (scaled with batch and horizon)",
-    "adam_beta1": "AdamW beta1", "adam_beta2": "AdamW beta2",
-    "warmup_ratio": "fraction of steps of linear LR warmup",
-    "warmdown_ratio": "fraction of steps of linear LR warmdown",
-    "final_lr_frac": "LR at the end, as a fraction of the peak",
-    "resume_from_step": "resume from this saved step, or 'latest' (-1 = start fresh)",
-    "eval_every": "val bpb every N steps (-1 = off)", "eval_tokens": "tokens per val bpb evaluation",
-    "core_metric_every": "CORE metric every N steps (-1 = off)",
-    "core_metric_max_per_task": "CORE examples per task (-1 = all)",
-    "sample_every": "print samples every N steps (-1 = off)",
-    "save_every": "checkpoint every N steps (-1 = at the end only)",
-    "model_tag": "checkpoint folder name (default d{depth})",
-    "base_dir": "where data, tokenizer and checkpoints live (default $NANOTRAIN_BASE_DIR or ~/.cache/nanotrain)",
-    "seed": "random seed of the weights init",
-    "keep_last": "keep only the newest N checkpoints (-1 = keep all)",
-    "compile": "torch.compile the model: auto (CUDA, and CPU runs of 200+ steps), on, off",
-    "oom_auto_batch": "on out-of-memory at the first step, halve --device-batch-size (or lower it to a divisor) and "
-                      "keep the total batch",
-    "overwrite": "start fresh in a --model-tag that has checkpoints (its folder is renamed aside, not deleted)",
-    "eval_bundle_dir": "folder of the CORE eval bundle (default: <base-dir>/eval_bundle, downloaded on first use)",
-}
-
-
 def build_parser() -> argparse.ArgumentParser:
+    """The `nanotrain` command line: one flag per TrainConfig field, its help text read from the field."""
     p = _Parser(prog="nanotrain", description="Pretrain a compute-optimal GPT base model; --depth sizes everything.")
-    defaults = TrainConfig.__dataclass_fields__
-    for name, f in defaults.items():
-        flag = "--" + name.replace("_", "-")
-        default = f.default
-        if name == "kernels":
-            continue
-        if isinstance(default, bool):
-            p.add_argument(flag, action="store_true", help=HELP.get(name))
-        elif name == "resume_from_step":
-            p.add_argument(flag, type=_resume_step, default=default, help=HELP[name])
+    for f in dataclasses.fields(TrainConfig):
+        flag, default, help = "--" + f.name.replace("_", "-"), f.default, f.metadata["help"]
+        if f.name == "kernels":
+            p.add_argument(flag, nargs="?", const="list", default=None, help=help)
+        elif isinstance(default, bool):
+            p.add_argument(flag, action="store_true", help=help)
+        elif f.name == "resume_from_step":
+            p.add_argument(flag, type=_resume_step, default=default, help=help)
         else:
-            kind = {"target_flops": float}.get(name) or (type(default) if default is not None else str)
-            p.add_argument(flag, type=kind, default=default, help=HELP.get(name))
-    p.add_argument("--kernels", nargs="?", const="list", default=None,
-                   help="force op backends, e.g. attention=triton,muon=reference; alone: print the backend table")
+            kind = {"target_flops": float}.get(f.name) or (type(default) if default is not None else str)
+            p.add_argument(flag, type=kind, default=default, help=help)
     return p
 
 
@@ -223,9 +239,10 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
     return TrainConfig(**vars(ns))
 
 
-def replace(c: TrainConfig, **changes) -> TrainConfig:
-    """A copy of `c` with some options changed (validated again)."""
-    return dataclasses.replace(c, **changes)
+def resume_rules() -> dict[str, tuple[str, str]]:
+    """{option: (resume rule, why)} of every TrainConfig field, in field order (what nanotrain/resume.py applies)."""
+    return {f.name: (f.metadata["resume"], f.metadata["why"]) for f in dataclasses.fields(TrainConfig)}
 
 
-__all__ = ["TrainConfig", "parse_args", "validate", "replace", "build_parser"]
+__all__ = ["FREE", "MUST_MATCH", "NOTED", "TrainConfig", "build_parser", "check_keep_last", "option", "parse_args",
+           "resume_rules", "validate"]

@@ -106,15 +106,6 @@ def any_rank(flag: bool, device: torch.device) -> bool:
     return bool(all_reduce_max(t).item() > 0)
 
 
-def broadcast_object(obj, src: int = 0):
-    """Rank src's Python object on every rank."""
-    if not is_initialized():
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=src)
-    return box[0]
-
-
 def get_rank() -> int:
     """This process's rank (0 without a process group)."""
     return dist.get_rank() if is_initialized() else 0

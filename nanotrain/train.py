@@ -163,6 +163,7 @@ def train(cfg: TrainConfig) -> LoopState:
     rt = distributed.setup(cfg.device_type)
     from nanotrain import checkpoint
     from nanotrain.paths import checkpoint_dir
+    from nanotrain.resume import check_resume_compatible
 
     ckpt_dir = checkpoint_dir(cfg.tag, cfg.base_dir)
     resuming = cfg.resume_from_step != -1
@@ -207,7 +208,7 @@ def train(cfg: TrainConfig) -> LoopState:
     ckpt = None
     if resuming:
         saved_meta = checkpoint.read_meta(ckpt_dir, resume_step)
-        for note in checkpoint.check_resume_compatible(saved_meta, meta):
+        for note in check_resume_compatible(saved_meta, meta):
             mon.warn(f"resuming with a change: {note}")
         check_same_world_size(saved_meta, rt)
         ckpt = checkpoint.load_checkpoint(ckpt_dir, resume_step, rank=rt.rank, device=rt.device)

@@ -14,8 +14,9 @@ from collections.abc import Callable, Iterable
 from typing import ContextManager
 
 import torch
-import torch.distributed as dist
 from torch import Tensor
+
+from nanotrain import distributed
 
 
 @torch.no_grad()
@@ -52,9 +53,8 @@ def evaluate_bpb(model: torch.nn.Module, batches: Iterable[tuple[Tensor, Tensor]
         # where() rather than a product: an ignored position's loss may be anything (even NaN).
         total_nats += torch.where(counted, loss, 0.0).sum()
         total_bytes += nbytes.sum()
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(total_nats, op=dist.ReduceOp.SUM)
-        dist.all_reduce(total_bytes, op=dist.ReduceOp.SUM)
+    distributed.all_reduce_sum(total_nats)  # no-ops without a process group
+    distributed.all_reduce_sum(total_bytes)
     nbytes_total = int(total_bytes.item())
     if nbytes_total == 0:
         return float("inf")

@@ -97,7 +97,7 @@ def _eval_context(model: torch.nn.Module, device: torch.device) -> Callable[[], 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Evaluate and write the report; returns it (rank 0's view; every rank computes the same numbers)."""
     from nanotrain import distributed
-    from nanotrain.checkpoint import load_model
+    from nanotrain.eval.loading import load_model
 
     evals = parse_evals(args.eval)
     if args.device_batch_size < 1:

@@ -43,11 +43,10 @@ from pathlib import Path
 from typing import Any, ContextManager
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
-from nanotrain import paths
+from nanotrain import distributed, paths
 from nanotrain.errors import UserError
 
 EVAL_BUNDLE_URL = "https://karpathy-public.s3.us-west-2.amazonaws.com/eval_bundle.zip"  # nanochat's address
@@ -425,12 +424,6 @@ def _supports_kv_cache(model: torch.nn.Module) -> bool:
     return isinstance(model, GPT)
 
 
-def _rank_world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
 def _prepare_task(task: CoreTask, ti: int, tokenizer: Any, max_per_task: int | None, max_len: int | None,
                   rank: int, world: int, totals: list[int]) -> list[_Example]:
     """Render and tokenize this rank's share of a task's rows (appends the task's row count to totals)."""
@@ -491,7 +484,7 @@ def evaluate_core(model: torch.nn.Module, tokenizer: Any, device: torch.device |
     if share_prefix is None:
         share_prefix = device.type == "cpu"
     share_prefix = share_prefix and _supports_kv_cache(model)
-    rank, world = _rank_world()
+    rank, world = distributed.get_rank(), distributed.get_world_size()
     bos = tokenizer.bos_token_id
 
     correct = torch.zeros(len(task_list), dtype=torch.float64)
@@ -501,9 +494,7 @@ def evaluate_core(model: torch.nn.Module, tokenizer: Any, device: torch.device |
         correct[ti] += sum(_score_examples(model, examples, bos, device, make_ctx, batch_size, max_batch_tokens,
                                            share_prefix))
     if world > 1:
-        reduced = correct.to(device)
-        dist.all_reduce(reduced, op=dist.ReduceOp.SUM)
-        correct = reduced.cpu()
+        correct = distributed.all_reduce_sum(correct.to(device)).cpu()
 
     results, centered, counts = {}, {}, {}
     for ti, task in enumerate(task_list):

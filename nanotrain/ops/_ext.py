@@ -100,17 +100,3 @@ def _register_fakes() -> None:
         cropped = offsets.new_empty((), dtype=torch.int64)
         return rows, consumed, cropped
 
-    @torch.library.register_fake("nanotrain::relu_squared")
-    def _relu_squared_fake(x):
-        return torch.empty_like(x, memory_format=torch.contiguous_format)
-
-    def _relu_squared_setup(ctx, inputs, output):
-        (x,) = inputs
-        ctx.save_for_backward(x)
-
-    def _relu_squared_backward(ctx, grad):
-        (x,) = ctx.saved_tensors
-        return grad * 2 * torch.relu(x)  # d relu(x)^2 / dx = 2 relu(x)
-
-    torch.library.register_autograd("nanotrain::relu_squared", _relu_squared_backward,
-                                    setup_context=_relu_squared_setup)
