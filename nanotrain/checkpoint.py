@@ -692,13 +692,15 @@ def read_meta(ckpt_dir: str | os.PathLike, step: int | str = "latest") -> dict:
 
 
 def load_checkpoint(ckpt_dir: str | os.PathLike, step: int | str = "latest", rank: int = 0, device="cpu",
-                    load_optim: bool = True) -> Checkpoint:
+                    load_optim: bool = True, load_rank_state: bool = True) -> Checkpoint:
     """Load what `rank` needs from a checkpoint, every file verified against CHECKSUMS.
 
     step: a step number or "latest". Tensors are mapped to `device`. optim_state is None when load_optim is
     False or the checkpoint holds no optimizer state; a rank the saving run did not have reads rank 0's
     optimizer state when it was not sharded (UserError when it was). rank_state is None when this rank saved
-    none. Raises UserError when there is no such checkpoint (listing the steps found) or a file is corrupt
+    none, or when load_rank_state is False. With load_optim and load_rank_state False (what evaluation needs) no
+    .pt file is read: the weights come from model.safetensors, without unpickling anything. Raises UserError
+    when there is no such checkpoint (listing the steps found) or a file is corrupt
     (naming the file and the newest older intact step).
     """
     ckpt_dir = Path(ckpt_dir)
@@ -722,7 +724,9 @@ def load_checkpoint(ckpt_dir: str | os.PathLike, step: int | str = "latest", ran
                             f"{saved_world} processes with a sharded optimizer state; resume with {saved_world} "
                             "processes")
     rank_file = f"rank{rank}.pt"
-    rank_state = _load_torch(ckpt_dir, n, sums, rank_file, "cpu") if rank_file in sums else None
+    rank_state = None
+    if load_rank_state and rank_file in sums:
+        rank_state = _load_torch(ckpt_dir, n, sums, rank_file, "cpu")
     return Checkpoint(step=n, model_state=model_state, optim_state=optim_state, rank_state=rank_state, meta=meta,
                       path=step_dir)
 

@@ -1,11 +1,26 @@
-"""Option parsing and validation: every bad value is one line, exit status 2, before any work."""
+"""Option parsing and validation: every bad value is one line, exit status 2, before any work; each option's
+help text and resume rule live on its field, and the resume policy applies those rules."""
+import dataclasses
+import re
 import subprocess
 import sys
 
 import pytest
 
-from nanotrain.config import EVAL_TOKENS_DEFAULT, TrainConfig, parse_args
+from nanotrain.config import (
+    EVAL_TOKENS_DEFAULT,
+    FREE,
+    MUST_MATCH,
+    NOTED,
+    TrainConfig,
+    build_parser,
+    check_keep_last,
+    option,
+    parse_args,
+    resume_rules,
+)
 from nanotrain.errors import UserError
+from nanotrain.resume import check_resume_compatible
 
 
 def test_defaults_are_the_seeds():
@@ -64,3 +79,53 @@ def test_cli_bad_input_is_one_line_exit_2(args, needle, tmp_path):
     lines = [line for line in r.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error:") and needle in lines[0], r.stderr
     assert "Traceback" not in r.stderr and r.stdout == ""
+
+
+def test_every_option_has_help_and_a_resume_rule():
+    fields = dataclasses.fields(TrainConfig)
+    parser_help = {a.dest: a.help for a in build_parser()._actions if a.dest != "help"}
+    assert set(parser_help) == {f.name for f in fields}
+    for f in fields:
+        assert f.metadata["help"] and parser_help[f.name] == f.metadata["help"], f.name  # --help reads the field
+        assert f.metadata["resume"] in (MUST_MATCH, NOTED, FREE) and f.metadata["why"], f.name
+    assert resume_rules()["depth"] == (MUST_MATCH, "model shape")
+    assert resume_rules()["matrix_lr"] == (NOTED, "optimizer hyperparameters")
+    assert resume_rules()["eval_every"][0] == FREE
+    with pytest.raises(ValueError, match="unknown resume rule"):
+        option(1, "help", "maybe", "why")
+
+
+def _changed_value(value):
+    if isinstance(value, bool):
+        return not value
+    if isinstance(value, (int, float)):
+        return value + 1
+    return f"{value}-changed"
+
+
+@pytest.mark.parametrize("name", [f.name for f in dataclasses.fields(TrainConfig)])
+def test_resume_policy_applies_each_options_rule(name):
+    """The resume policy (nanotrain/resume.py) follows each field's metadata: a MUST_MATCH option changed refuses
+    the resume naming the option and why, a NOTED one gives one note, a FREE one passes silently."""
+    saved = TrainConfig(num_iterations=10).to_dict()
+    new = dict(saved, **{name: _changed_value(saved[name])})
+    meta = {"model_config": {"n_layer": 2}, "world_size": 1, "optim_sharded": False}
+    rule, why = resume_rules()[name]
+    flag = "--" + name.replace("_", "-")
+    call = lambda: check_resume_compatible(dict(meta, train_config=saved), dict(meta, train_config=new))  # noqa: E731
+    if rule == MUST_MATCH:
+        with pytest.raises(UserError, match=f"cannot resume: {flag} .* \\({re.escape(why)}\\) changed"):
+            call()
+    elif rule == NOTED:
+        assert call() == [f"{flag} changed from {saved[name]!r} to {new[name]!r} ({why})"]
+    else:
+        assert call() == []
+
+
+def test_keep_last_rule_is_one_sentence_with_the_fix():
+    with pytest.raises(UserError) as e:
+        check_keep_last(0)
+    assert str(e.value) == ("--keep-last must be at least 1, got 0; pass how many checkpoints to keep, or -1 to keep "
+                            "every checkpoint")
+    check_keep_last(-1)
+    check_keep_last(3)

@@ -29,7 +29,8 @@ def load_model(model_tag: str, step: int | str = "latest", device: torch.device 
     from nanotrain.model import GPT, GPTConfig
 
     ckpt_dir = paths.checkpoint_dir(model_tag, base_dir)
-    ckpt = load_checkpoint(ckpt_dir, step, rank=0, device="cpu", load_optim=False)
+    # the weights and meta only: no optimizer or rank state, so nothing is unpickled (model.safetensors)
+    ckpt = load_checkpoint(ckpt_dir, step, rank=0, device="cpu", load_optim=False, load_rank_state=False)
     meta = ckpt.meta
     tokenizer = load_tokenizer(base_dir)
     expected = meta.get("tokenizer_fingerprint")

@@ -63,8 +63,8 @@ def test_cli_core_bpb_sample_report(base, capsys, monkeypatch):
     assert report["core_metric"] == pytest.approx(sum(report["core"]["centered_results"].values()) / 4)
     assert len(report["samples"]) == 7 and report["samples"][0].startswith("The capital of France is")
     # bpb equals a direct evaluation over the same validation batches (2 batches of 4 x 64 tokens)
-    from nanotrain.checkpoint import load_model
     from nanotrain.data.loader import DataLoader
+    from nanotrain.eval.loading import load_model
 
     model, tok, _ = load_model("tiny", "latest", base_dir=base)
     loader = DataLoader(tok, 4, 64, split="val", base_dir=base)
