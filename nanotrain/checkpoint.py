@@ -10,7 +10,7 @@ Layout (one folder per model tag, `paths.checkpoint_dir(tag, base)`):
       latest                  one line naming the step folder saved last ("step_000500")
       step_000500/
         model.safetensors     model state_dict (rank 0; float16/bfloat16 tensors upcast to float32, on CPU), in the
-                              safetensors format: loading it runs no pickle and memory-maps the file
+                              safetensors format: loading it runs no pickle (safetensors reads it through mmap)
         optim_rank<r>.pt      optimizer state of rank r (its shard when the optimizer state is sharded)
         rank<r>.pt            per-rank extras: data-loader state, RNG state (`capture_rng_state`)
         meta.json             step, model_config, train_config, loop_state, world size, code version,
@@ -270,12 +270,36 @@ def _write_torch(path: Path, obj: Any) -> str:
     return w.sha.hexdigest()
 
 
+# safetensors dtype names (the format's header spells each tensor's dtype this way)
+_SAFETENSORS_DTYPES = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+    torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2", torch.int64: "I64", torch.int32: "I32",
+    torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL",
+}
+
+
 def _write_model(path: Path, model_state: dict[str, torch.Tensor]) -> str:
-    """Write the model state in the safetensors format to a new file, fsync it, return its sha256."""
-    data = safetensors.torch.save(model_state, metadata={"format": "pt"})
+    """Write the model state as a safetensors file, new, fsynced; return its sha256.
+
+    The file is streamed tensor by tensor (an 8-byte little-endian header length, the JSON header naming each
+    tensor's dtype, shape and byte range, then the bytes), so a save never holds a second copy of the whole
+    model in memory; `safetensors.torch.load_file` / `safe_open` read it back (tests check that they do).
+    """
+    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for name, t in model_state.items():
+        nbytes = t.numel() * t.element_size()
+        header[name] = {"dtype": _SAFETENSORS_DTYPES[t.dtype], "shape": list(t.shape),
+                        "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    head = json.dumps(header, separators=(",", ":")).encode()
+    head += b" " * (-len(head) % 8)  # the tensor bytes start 8-byte aligned
     with open(path, "xb") as f:
         w = _HashingWriter(f, path.name)
-        w.write(data)
+        w.write(len(head).to_bytes(8, "little") + head)
+        for t in model_state.values():  # contiguous CPU tensors (_prepare_model_state)
+            if t.numel():
+                w.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
         w.flush()
         os.fsync(f.fileno())
     return w.sha.hexdigest()
@@ -371,6 +395,9 @@ def _prepare_model_state(model_state: dict) -> dict:
         t = value.detach().cpu()  # to the host first: upcasting on the GPU could run out of memory mid-save
         if t.dtype in (torch.float16, torch.bfloat16):
             t = t.float()
+        if t.dtype not in _SAFETENSORS_DTYPES:
+            raise TypeError(f"model_state[{key!r}] has dtype {t.dtype}, which the safetensors model file cannot "
+                            "store; convert it to a float or integer tensor")
         ptr = t.untyped_storage().data_ptr()
         if (t.untyped_storage().nbytes() != t.numel() * t.element_size() or not t.is_contiguous()
                 or (t.numel() and ptr in seen)):

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import safetensors
+import safetensors.torch
 import torch
 import torch.nn as nn
 
@@ -58,6 +59,16 @@ def _train_steps(model: nn.Module, opt: torch.optim.Optimizer, n: int) -> list[f
         opt.zero_grad(set_to_none=True)
         losses.append(loss.item())
     return losses
+
+
+def _resume(ckpt) -> tuple[nn.Module, torch.optim.Optimizer]:
+    """A fresh process's view of a checkpoint: a new model and optimizer with its states loaded, RNG restored."""
+    model = Tiny()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    model.load_state_dict(ckpt.model_state)
+    opt.load_state_dict(ckpt.optim_state)
+    restore_rng_state(ckpt.rank_state["rng"])
+    return model, opt
 
 
 def _meta(**over) -> dict:
@@ -104,11 +115,7 @@ def test_round_trip_resumes_the_same_trajectory(tmp_path):
 
     # A fresh process's view: new model and optimizer, states loaded, RNG restored -> the same losses, bitwise.
     torch.manual_seed(999)
-    model2 = Tiny()
-    opt2 = torch.optim.AdamW(model2.parameters(), lr=1e-2)
-    model2.load_state_dict(ckpt.model_state)
-    opt2.load_state_dict(ckpt.optim_state)
-    restore_rng_state(ckpt.rank_state["rng"])
+    model2, opt2 = _resume(ckpt)
     assert _train_steps(model2, opt2, 3) == expected_losses
     for p1, p2 in zip(model.parameters(), model2.parameters()):
         assert torch.equal(p1, p2)
@@ -138,15 +145,23 @@ def test_model_weights_are_a_safetensors_file(tmp_path):
     assert read_meta(tmp_path)["format"] == 2
 
 
-def test_shared_and_strided_tensors_are_saved(tmp_path):
-    """safetensors refuses tensors that share memory and non-contiguous ones: the store gives each its own copy."""
+def test_every_kind_of_tensor_round_trips_through_safetensors(tmp_path):
+    """Tied, transposed and sliced tensors (safetensors stores each tensor's bytes once, contiguous), integer
+    and bool buffers, a 0-d scalar and an empty tensor all read back equal, also through safetensors itself."""
     w = torch.randn(4, 6)
-    state = {"a": w, "tied": w, "t": w.t(), "row": w[1]}
-    save_checkpoint(tmp_path, 1, state, None, _meta())
-    got = load_checkpoint(tmp_path).model_state
-    assert sorted(got) == ["a", "row", "t", "tied"]
-    for name, want in state.items():
-        assert torch.equal(got[name], want), name
+    state = {"a": w, "tied": w, "t": w.t(), "row": w[1], "ids": torch.arange(5), "mask": torch.tensor([True, False]),
+             "scalar": torch.tensor(3.5, dtype=torch.float64), "empty": torch.empty(0, 3),
+             "i8": torch.tensor([-3], dtype=torch.int8)}
+    path = save_checkpoint(tmp_path, 1, state, None, _meta())
+    for got in (load_checkpoint(tmp_path).model_state, safetensors.torch.load_file(path / "model.safetensors")):
+        assert sorted(got) == sorted(state)
+        for name, want in state.items():
+            assert got[name].dtype == want.dtype and torch.equal(got[name], want), name
+    with safetensors.safe_open(path / "model.safetensors", framework="pt") as f:
+        assert f.metadata() == {"format": "pt"}
+    with pytest.raises(TypeError, match=r"model_state\['z'\] has dtype torch.complex64"):
+        save_checkpoint(tmp_path, 2, {"z": torch.zeros(2, dtype=torch.complex64)}, None, _meta())
+    assert list_steps(tmp_path) == [1] and sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step_000001"]
 
 
 def test_model_load_runs_no_pickle(tmp_path, monkeypatch):
@@ -198,12 +213,7 @@ def test_format1_checkpoint_with_model_pt_still_loads_and_resumes(tmp_path):
     assert list_steps(tmp_path) == [2] and latest_step(tmp_path) == 2
     ckpt = load_checkpoint(tmp_path)
     assert ckpt.path == old and ckpt.meta["format"] == 1
-    model2 = Tiny()
-    opt2 = torch.optim.AdamW(model2.parameters(), lr=1e-2)
-    model2.load_state_dict(ckpt.model_state)
-    opt2.load_state_dict(ckpt.optim_state)
-    restore_rng_state(ckpt.rank_state["rng"])
-    assert _train_steps(model2, opt2, 2) == expected
+    assert _train_steps(*_resume(ckpt), 2) == expected
     # a flipped byte in the old model file is caught by its checksum too
     data = bytearray((old / "model.pt").read_bytes())
     data[len(data) // 2] ^= 0x01

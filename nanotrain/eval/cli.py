@@ -114,7 +114,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     try:
         model, tokenizer, meta = load_model(args.model_tag, args.step, device=rt.device, base_dir=args.base_dir)
         ctx = _eval_context(model, rt.device)
-        step = int(meta.get("step", -1))
+        step = int(meta["step"])
         seq_len = model.config.sequence_len
         report: dict[str, Any] = {"model_tag": args.model_tag, "step": step, "device": str(rt.device),
                                   "world_size": rt.world_size, "evals": evals}
