@@ -88,6 +88,7 @@ import safetensors.torch
 import torch
 
 import nanotrain
+from nanotrain import distributed
 from nanotrain.config import check_keep_last
 from nanotrain.errors import UserError
 
@@ -452,9 +453,8 @@ def _resolve_barrier(barrier: Callable[[], None] | None, world_size: int) -> Cal
         return barrier
     if world_size == 1:
         return lambda: None
-    import torch.distributed as dist
-    if dist.is_available() and dist.is_initialized():
-        return dist.barrier
+    if distributed.is_initialized():
+        return distributed.barrier
     raise ValueError(f"save_checkpoint with world_size={world_size} needs a barrier: initialize torch.distributed "
                      "or pass barrier=")
 
