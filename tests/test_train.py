@@ -421,17 +421,17 @@ def test_a_fresh_run_never_overwrites_saved_checkpoints(tiny_base_dir, capsys):
     args = ("--num-iterations=2", "--eval-every=-1", "--sample-every=-1")
     assert run(tiny_base_dir, "taken", *args) == 0
     ckpt_dir = tiny_base_dir / "base_checkpoints" / "taken"
-    before = (ckpt_dir / "step_000002" / "model.pt").read_bytes()
+    before = (ckpt_dir / "step_000002" / "model.safetensors").read_bytes()
     capsys.readouterr()
     assert run(tiny_base_dir, "taken", *args, "--seed=7") == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "already has checkpoints (steps 2)" in err[0] and "--overwrite" in err[0]
-    assert (ckpt_dir / "step_000002" / "model.pt").read_bytes() == before
+    assert (ckpt_dir / "step_000002" / "model.safetensors").read_bytes() == before
     # --overwrite starts over and keeps the earlier folder under another name
     assert run(tiny_base_dir, "taken", *args, "--seed=7", "--overwrite") == 0
     moved = [p for p in ckpt_dir.parent.iterdir() if p.name.startswith("taken.replaced-")]
-    assert len(moved) == 1 and (moved[0] / "step_000002" / "model.pt").read_bytes() == before
-    assert (ckpt_dir / "step_000002" / "model.pt").read_bytes() != before
+    assert len(moved) == 1 and (moved[0] / "step_000002" / "model.safetensors").read_bytes() == before
+    assert (ckpt_dir / "step_000002" / "model.safetensors").read_bytes() != before
 
 
 def test_wandb_only_with_run_and_a_resume_continues_the_same_wandb_run(tiny_base_dir, tmp_path):
