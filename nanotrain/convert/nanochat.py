@@ -19,9 +19,10 @@ what this module does about each:
 
 - Short attention windows. nanotrain's S layers see sequence_len // 2 + 1 keys (a look-back of
   sequence_len // 2 tokens); current nanochat computes its S look-back as a quarter of sequence_len rounded
-  up to a multiple of 128 (768 at 2048). The config has no field for it, so a model with S layers whose
-  look-backs differ computes different logits on the other side: both commands refuse such a model unless
-  --allow-window-change is given, and then record the change in the written meta.
+  up to a multiple of 128 (512 at 2048: a comment in its gpt.py says 768, its expression gives 512). The
+  config has no field for it, so a model with S layers whose look-backs differ computes different logits on
+  the other side: both commands refuse such a model unless --allow-window-change is given, and then record
+  the change in the written meta. (At sequence_len 256 both look back 128 tokens: no difference.)
 - Full-context layers. nanotrain's L layers attend to every earlier key; nanochat's have a look-back of
   sequence_len tokens. They agree on every sequence of up to sequence_len + 1 tokens (all training and
   evaluation); only generation past that length differs. Stated, not refused.
