@@ -86,6 +86,21 @@ def test_greedy_generation_matches_the_engine(src_base, hf_dir, hf_model):
         assert len(ids[0]) + len(out) > 129 or tok.bos_token_id in expected  # the decode crossed the window
 
 
+def test_cached_decoding_logits_equal_full_forward(src_base, hf_model):
+    """Every step of transformers' cached generation (one new token, the previous one passed for smear) gives the
+    logits nanotrain computes for that position over the whole sequence."""
+    _, model = src_base
+    prompt = torch.randint(0, model.config.vocab_size, (1, 20))
+    gen = hf_model.generate(prompt, max_new_tokens=130, do_sample=False, output_logits=True,
+                            return_dict_in_generate=True, eos_token_id=None)
+    seq = gen.sequences
+    assert seq.shape[1] == 150
+    with torch.no_grad():
+        full = model(seq)[0]
+    steps = torch.stack([s[0] for s in gen.logits])          # (130, V): logits for positions 19 .. 148
+    assert (steps - full[19:149]).abs().max().item() <= 1e-4
+
+
 def varied_strings(n: int, seed: int = 0) -> list[str]:
     """ASCII prose, accents, CJK, emoji, RTL, combining marks, digit runs, whitespace runs, code, contractions."""
     rng = random.Random(seed)
