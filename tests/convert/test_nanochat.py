@@ -244,3 +244,45 @@ def test_nanochat_loads_export(src_base, exported, tmp_path):
     with torch.no_grad():
         ours = model(idx)
     assert (theirs - ours).abs().max().item() <= 1e-5
+
+
+@pytest.mark.skipif(not NANOCHAT_SRC, reason="set NANOCHAT_SRC to a nanochat checkout to run nanochat's own code")
+def test_import_of_a_checkpoint_nanochat_wrote(src_base, exported, tmp_path):
+    """nanochat's GPT (its own init, scalars moved off their inits) saved by nanochat's save_checkpoint imports into
+    nanotrain with logits equal to nanochat's forward."""
+    base, model = src_base
+    nc_base = tmp_path / "nanochat_base"
+    shutil.copytree(exported / "tokenizer", nc_base / "tokenizer")  # a tokenizer in nanochat's format
+    idx = torch.randint(0, model.config.vocab_size, (2, 200))
+    torch.save(idx, tmp_path / "idx.pt")
+    cfg = dict(sequence_len=256, vocab_size=model.config.vocab_size, n_layer=3, n_head=2, n_kv_head=1, n_embd=64,
+               window_pattern="SSL")
+    script = textwrap.dedent(f"""
+        import sys, os, torch
+        sys.path.insert(0, {NANOCHAT_SRC!r})
+        from nanochat.gpt import GPT, GPTConfig
+        from nanochat.checkpoint_manager import save_checkpoint
+        torch.manual_seed(3)
+        config = GPTConfig(**{cfg!r})
+        with torch.device("meta"):
+            model = GPT(config)
+        model.to_empty(device="cpu")
+        model.init_weights()
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.05 * torch.randn_like(p))   # output projections start at zero: give every path weight
+        ckpt = os.path.join({str(nc_base)!r}, "base_checkpoints", "d3")
+        save_checkpoint(ckpt, 40, model.state_dict(), None, {{"step": 40, "model_config": {cfg!r}, "val_bpb": 1.5}})
+        with torch.no_grad():
+            torch.save(model(torch.load({str(tmp_path / 'idx.pt')!r})), {str(tmp_path / 'logits.pt')!r})
+    """)
+    env = dict(os.environ, NANOCHAT_BASE_DIR=str(nc_base), NANOCHAT_DTYPE="float32")
+    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    dest = tmp_path / "dest"
+    assert run_cli("import-nanochat", nc_base, "--model-tag", "from-nanochat", "--base-dir", dest) == 0
+    imported, _, meta = load_model("from-nanochat", base_dir=dest)
+    assert meta["step"] == 40 and meta["val_bpb"] == 1.5 and meta["imported_from"]["model_tag"] == "d3"
+    with torch.no_grad():
+        ours = imported(idx)
+    assert (ours - torch.load(tmp_path / "logits.pt")).abs().max().item() <= 1e-5
