@@ -16,7 +16,7 @@ import textwrap
 
 import pytest
 import torch
-from conftest import save_tiny, train_tiny
+from tiny_model import save_tiny, train_tiny
 
 from nanotrain import paths
 from nanotrain.checkpoint import list_steps, load_checkpoint, load_model
