@@ -54,6 +54,14 @@ def test_export_files(src_base, hf_dir):
     assert gen["bos_token_id"] == tok.bos_token_id and "pad_token_id" not in gen
 
 
+def test_export_refuses_to_overwrite(src_base, hf_dir, capsys):
+    base, _ = src_base
+    before = (hf_dir / "model.safetensors").stat().st_mtime_ns
+    assert cli.main(["export-hf", "--model-tag", "tiny", "--base-dir", str(base), "--out", str(hf_dir)]) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert (hf_dir / "model.safetensors").stat().st_mtime_ns == before
+
+
 def test_logits_equal_nanotrains(src_base, hf_model):
     _, model = src_base
     idx = torch.randint(0, model.config.vocab_size, (2, 200))  # past the 129-key short windows
@@ -61,6 +69,9 @@ def test_logits_equal_nanotrains(src_base, hf_model):
         ours, theirs = model(idx), hf_model(idx).logits
     assert theirs.dtype == torch.float32 and theirs.shape == ours.shape
     assert (theirs - ours).abs().max().item() <= 1e-5
+    with torch.no_grad():  # transformers' labels convention (shifted inside) gives nanotrain's next-token loss
+        loss = hf_model(idx, labels=idx).loss
+        assert abs(loss.item() - model(idx[:, :-1], idx[:, 1:]).item()) <= 1e-5
     # the window is part of the computation: a full-context layer 0 gives other logits
     hf_model.transformer.h[0].attn.window = None
     try:
