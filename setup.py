@@ -25,7 +25,8 @@ from setuptools import setup
 from setuptools.command.build_ext import build_ext
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-PACKAGES = ["nanotrain", "nanotrain.ops", "nanotrain.data", "nanotrain.eval", "nanotrain.kernels"]
+PACKAGES = ["nanotrain", "nanotrain.ops", "nanotrain.data", "nanotrain.eval", "nanotrain.kernels",
+            "nanotrain.convert"]
 PACKAGE_DIR = {"nanotrain.kernels": "kernels"}
 DEFAULT_ARCHES = "80;90a"
 
