@@ -153,7 +153,7 @@ def export_hf(model_tag: str, out: str | os.PathLike, step: int | str = "latest"
     push_to_hub: a repo id ("user/name"); created if missing and the folder uploaded with huggingface_hub's
     HfApi (token from HF_TOKEN or `hf auth login`, server from HF_ENDPOINT). Returns the folder.
     """
-    from nanotrain.checkpoint import load_model
+    from nanotrain.eval.loading import load_model
 
     safetensors_torch = _require("safetensors.torch")
     out = Path(out).expanduser()

@@ -142,7 +142,7 @@ def export_nanochat(model_tag: str, out: str | os.PathLike, step: int | str = "l
     token_bytes.pt}: point nanochat at it with NANOCHAT_BASE_DIR=out and run its SFT, chat or base_eval with
     --model-tag <model_tag>. UserError when the model cannot be represented (see the module docstring).
     """
-    from nanotrain.checkpoint import load_model
+    from nanotrain.eval.loading import load_model
 
     model, tokenizer, meta = load_model(model_tag, step, device="cpu", base_dir=base_dir)
     cfg = model.config
