@@ -214,13 +214,22 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument(flag, type=kind, default=default, help=HELP.get(name))
     p.add_argument("--kernels", nargs="?", const="list", default=None,
                    help="force op backends, e.g. attention=triton,muon=reference; alone: print the backend table")
+    p.add_argument("--check", action="store_true",
+                   help="with --kernels alone: also run every fused backend's self-check here and print the table")
     return p
 
 
 def parse_args(argv: list[str] | None = None) -> TrainConfig:
-    """Parse the command line into a validated TrainConfig (UserError on a bad value)."""
-    ns = build_parser().parse_args(argv)
-    return TrainConfig(**vars(ns))
+    """Parse the command line into a validated TrainConfig (UserError on a bad value).
+
+    `--kernels --check` becomes kernels="check" (print the table and run the self-checks)."""
+    ns = vars(build_parser().parse_args(argv))
+    if ns.pop("check"):
+        if ns["kernels"] != "list":
+            raise UserError("--check runs the kernel self-checks and goes with --kernels alone: "
+                            "run `nanotrain --kernels --check`.")
+        ns["kernels"] = "check"
+    return TrainConfig(**ns)
 
 
 def replace(c: TrainConfig, **changes) -> TrainConfig:

@@ -116,15 +116,9 @@ def use_compile(cfg: TrainConfig, device: torch.device, num_iterations: int) -> 
     return device.type == "cpu" and num_iterations >= CPU_COMPILE_MIN_STEPS and has_compiler
 
 
-def print_kernel_table(device: torch.device | None = None) -> None:
-    from nanotrain.ops._ext import extension_status
-
-    device = device or torch.device(distributed.autodetect_device_type())
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    print(f"extension nanotrain._C: {extension_status()}")
-    print(f"backends on {device} ({dtype}):")
-    for line in registry.report(device, dtype):
-        print("  " + line)
+def print_kernel_table(device: torch.device | None = None, check: bool = False) -> bool:
+    """`nanotrain --kernels [--check]`: see registry.print_table (False when a self-check failed)."""
+    return registry.print_table(device or torch.device(distributed.autodetect_device_type()), check=check)
 
 
 class StopSignals:
@@ -632,9 +626,8 @@ def report_kernels(mon: Monitor, rt: Runtime, model_config, fp8: bool) -> None:
 def main(argv: list[str] | None = None) -> int:
     try:
         cfg = parse_args(argv)
-        if cfg.kernels == "list":
-            print_kernel_table()
-            return 0
+        if cfg.kernels in ("list", "check"):
+            return 0 if print_kernel_table(check=cfg.kernels == "check") else 1
         registry.set_overrides(cfg.kernels)
         train(cfg)
         return 0

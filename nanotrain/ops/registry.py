@@ -130,15 +130,21 @@ _local = threading.local()  # stack of forced-choice dicts from `forced(...)`
 
 
 def register(op: str, name: str, fn: Callable, check: Check = always, description: str = "",
-             interpreter: bool = False, fused: bool | None = None) -> Backend:
-    """Add a backend for `op` after those already registered (so: register in preference order).
+             interpreter: bool = False, fused: bool | None = None, before: str | None = None) -> Backend:
+    """Add a backend for `op` after those already registered (so: register in preference order), or just
+    ahead of the backend named `before` (e.g. a new CUDA kernel ahead of "triton").
 
     `fused` (default: `interpreter`, i.e. Triton backends) marks one of our kernels, which the op's
     self-check (register_self_check) verifies before it serves a case."""
     backend = Backend(op, name, fn, check, description, interpreter, interpreter if fused is None else fused)
     with _state.lock:
         existing = _state.backends.setdefault(op, [])
-        existing[:] = [b for b in existing if b.name != name] + [backend]
+        rest = [b for b in existing if b.name != name]
+        names = [b.name for b in rest]
+        if before is not None and before not in names:
+            raise BackendUnavailable(f"cannot register {op}={name} before '{before}': {op} has no such backend.")
+        at = names.index(before) if before is not None else len(rest)
+        existing[:] = rest[:at] + [backend] + rest[at:]
         _state.cache.clear()
     return backend
 
