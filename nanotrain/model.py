@@ -302,7 +302,8 @@ class GPT(nn.Module):
         c_q, c_k, c_v, value embeddings ~ U(-s, s) with s = sqrt(3 / n_embd) (std 1/sqrt(n_embd),
         uniform avoids outliers); c_fc ~ U(-0.4 s, 0.4 s); both output projections zero (each block
         starts as the identity); resid_lambdas from 1.15 down to 1.05 and x0_lambdas from 0.20 down to
-        0.05 across depth; smear_lambda 0, backout_lambda 0.2, gate weights ~ U(0, 0.02).
+        0.05 across depth; smear_lambda 0, backout_lambda 0.2, gate weights ~ U(0, 0.02). Then resolves the
+        attention backends for the model's device (resolve_kernels with its default dtype).
         """
         cfg = self.config
         nn.init.normal_(self.transformer.wte.weight, mean=0.0, std=0.8)
@@ -327,6 +328,8 @@ class GPT(nn.Module):
             if block.attn.ve_gate is not None:
                 nn.init.uniform_(block.attn.ve_gate.weight, 0.0, 0.02)
         self.cos, self.sin = self._rotary_tables(self.rotary_seq_len, cfg.head_dim, self.get_device())
+        if self.get_device().type != "meta":  # every path that allocates a model resolves its backends here
+            self.resolve_kernels()
 
     def get_device(self) -> torch.device:
         return self.transformer.wte.weight.device
@@ -481,7 +484,8 @@ def build_model(config: GPTConfig, device: torch.device | str, pad_vocab_size_to
         model = GPT(config, pad_vocab_size_to=pad_vocab_size_to)
     model.to_empty(device=device)
     model.init_weights()
-    model.resolve_kernels(device, compute_dtype)
+    if compute_dtype is not None:  # init_weights resolved for the device's default dtype
+        model.resolve_kernels(device, compute_dtype)
     return model
 
 
