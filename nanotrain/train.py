@@ -614,10 +614,11 @@ def report_kernels(mon: Monitor, rt: Runtime, model_config, fp8: bool) -> None:
     dtype = torch.bfloat16 if rt.device_type == "cuda" else torch.float32
     head_dim = model_config.n_embd // model_config.n_head
     used = ["attention", "attention_decode", "muon_update", "packing"] + (["fp8_matmul", "fp8_quantize"] if fp8 else [])
-    for line in registry.report(rt.device, dtype, {"attention": {"head_dim": head_dim},
-                                                   "attention_decode": {"head_dim": head_dim}}, only=used):
+    # the case of the full-window layers, as ops.attention.case_props names it
+    case = {"head_dim": head_dim, "window": "full", "gqa": model_config.n_kv_head != model_config.n_head}
+    for line in registry.report(rt.device, dtype, {"attention": case, "attention_decode": case}, only=used):
         mon.print(line)
-    attention = registry.select("attention", rt.device, dtype, head_dim=head_dim)
+    attention = registry.resolve("attention", rt.device, dtype, **case)
     if rt.device_type == "cuda" and attention.name in ("sdpa", "reference") and "S" in model_config.window_pattern:
         mon.warn(f"attention runs on '{attention.name}', which computes every key of a sliding window "
                  f"(pattern {model_config.window_pattern}): expect low GPU utilization; --window-pattern L avoids it")

@@ -355,8 +355,9 @@ def _(grads: Tensor, params: Tensor, momentum_buffer: Tensor, second_momentum: T
 
 
 _CASES = [{"shape": (64, 64)}, {"shape": (256, 64)}, {"shape": (64, 256)}]
-registry.register_self_check("muon", self_check, _CASES)
-registry.register_self_check("muon_update", self_check_update, _CASES)
+# on the GPU, checked in float32: the optimizer's master weights (the Triton iteration computes in bfloat16)
+registry.register_self_check("muon", self_check, _CASES, cuda_dtype=torch.float32)
+registry.register_self_check("muon_update", self_check_update, _CASES, cuda_dtype=torch.float32)
 registry.register("muon", "triton", orthogonalize_triton, check=triton_check, interpreter=True,
                   description="Triton symmetric-product Polar Express (bf16 on GPU)")
 registry.register("muon_update", "triton", muon_update_triton, check=triton_check, interpreter=True,

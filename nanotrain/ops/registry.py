@@ -120,7 +120,7 @@ class _State:
     cache: dict[tuple, tuple[Backend, list[tuple[str, str]]]] = field(default_factory=dict)
     logged: set = field(default_factory=set)
     lock: threading.RLock = field(default_factory=threading.RLock)
-    self_checks: dict[str, tuple[SelfCheck, list[dict]]] = field(default_factory=dict)
+    self_checks: dict[str, tuple[SelfCheck, list[dict], torch.dtype]] = field(default_factory=dict)
     verdicts: dict[tuple, CheckRow] = field(default_factory=dict)  # per case, for the run
     check_devices: list[str] = field(default_factory=list)  # device types besides cuda (tests)
 
@@ -149,11 +149,13 @@ def register(op: str, name: str, fn: Callable, check: Check = always, descriptio
     return backend
 
 
-def register_self_check(op: str, check: SelfCheck, cases: list[dict] | None = None) -> None:
+def register_self_check(op: str, check: SelfCheck, cases: list[dict] | None = None,
+                        cuda_dtype: torch.dtype = torch.bfloat16) -> None:
     """Set the self-check of `op`: `check(fn, device, dtype, **props) -> CheckResult` runs a backend's
-    callable on small random inputs against the reference. `cases` are the props `check_all` runs."""
+    callable on small random inputs against the reference. `cases` are the props `check_all` runs, in
+    `cuda_dtype` on a GPU (the dtype training calls the op with) and float32 on the CPU."""
     with _state.lock:
-        _state.self_checks[op] = (check, list(cases or [{}]))
+        _state.self_checks[op] = (check, list(cases or [{}]), cuda_dtype)
         _state.cache.clear()
 
 
@@ -240,7 +242,7 @@ def forced_choice(op: str) -> tuple[str, str] | None:
 
 @functools.lru_cache(maxsize=8)
 def _env_overrides(spec: str | None) -> dict[str, str]:
-    """parse_overrides of the environment variable, parsed once per value (select runs on every op call)."""
+    """parse_overrides of the environment variable, parsed once per value (resolve runs on every public op call)."""
     return parse_overrides(spec)
 
 
@@ -305,7 +307,7 @@ def case_name(device: torch.device, dtype: torch.dtype, props: dict) -> str:
 def run_self_check(backend: Backend, device: torch.device | str, dtype: torch.dtype, **props) -> CheckRow:
     """Run the op's self-check on `backend` once (no caching); an exception is a failure, not a crash."""
     device = torch.device(device)
-    check, _ = _state.self_checks[backend.op]
+    check = _state.self_checks[backend.op][0]
     start = time.perf_counter()
     result, error = None, None
     try:
@@ -338,30 +340,27 @@ def check_all(device: torch.device | str | None = None, ops_: list[str] | None =
     one, else the CPU). On the CPU the interpreter backends run only under TRITON_INTERPRET=1. Returns the rows
     and a one-line note on what ran."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtypes = [torch.bfloat16, torch.float16] if device.type == "cuda" else [torch.float32]
-    rows, skipped = [], set()
+    rows, skipped = [], 0
     for op in (ops() if ops_ is None else ops_):
         if op not in _state.self_checks:
             continue
-        _, cases = _state.self_checks[op]
-        for backend in backends(op):
-            if not backend.fused:
-                continue
-            for dtype in dtypes:
-                for props in cases:
-                    if backend.interpreter and device.type == "cpu" and not _interpreter_on():
-                        skipped.add(f"{op}/{backend.name}")
-                        continue
-                    try:
-                        reason = backend.check(device, dtype, **props)
-                    except Exception as e:  # an availability check that raises: not runnable here
-                        reason = f"{type(e).__name__}: {e}"
-                    if reason is not None:
-                        skipped.add(f"{op}/{backend.name}")
-                        continue
-                    rows.append(run_self_check(backend, device, dtype, **props))
+        _, cases, cuda_dtype = _state.self_checks[op]
+        dtype = cuda_dtype if device.type == "cuda" else torch.float32
+        for backend in (b for b in backends(op) if b.fused):
+            for props in cases:
+                if backend.interpreter and device.type == "cpu" and not _interpreter_on():
+                    skipped += 1
+                    continue
+                try:
+                    reason = backend.check(device, dtype, **props)
+                except Exception as e:  # an availability check that raises: not runnable here
+                    reason = f"{type(e).__name__}: {e}"
+                if reason is not None:
+                    skipped += 1
+                    continue
+                rows.append(run_self_check(backend, device, dtype, **props))
     if rows:
-        note = f"{len(rows)} self-checks of fused backends on {device}"
+        note = f"{len(rows)} self-checks of fused backends on {device} ({skipped} cases cannot run here)"
     elif device.type == "cpu":
         note = ("no fused backend runs on this machine (CPU without CUDA; set TRITON_INTERPRET=1 to check the "
                 "Triton kernels under the interpreter, slowly)")

@@ -208,3 +208,26 @@ def test_check_table_and_the_kernels_check_command(clean, monkeypatch, capsys):
     assert "backends on cpu" in out and "self-checks: no fused backend runs on this machine" in out
     with pytest.raises(UserError, match="goes with --kernels alone"):
         train.parse_args(["--check"])
+
+
+def test_fp8_backends_are_resolved_at_conversion_and_the_compiled_forward_only_calls_them(monkeypatch):
+    """The Triton FP8 ops (under the interpreter) chosen by convert_to_float8, then a fullgraph compile with the
+    registry unusable: the same output and gradient as eager."""
+    model = torch.nn.Sequential(torch.nn.Linear(128, 128), torch.nn.ReLU(), torch.nn.Linear(128, 128))
+    with registry.forced(fp8_quantize="triton", fp8_quantize_dual="triton", fp8_matmul="triton"):
+        assert fp8.convert_to_float8(model, fp8.Float8Config.from_recipe("rowwise")) == (2, 2)
+    assert model[0].kernels.names == ("triton",) * 4
+
+    def called_inside_forward(*args, **kwargs):
+        raise AssertionError("the registry ran inside the forward")
+
+    monkeypatch.setattr(registry, "resolve", called_inside_forward)
+    x = torch.randn(2, 16, 128)
+    torch._dynamo.reset()
+    y = torch.compile(model, backend="aot_eager", fullgraph=True)(x)
+    y.square().sum().backward()
+    grad = model[0].weight.grad.clone()
+    model.zero_grad()
+    y_eager = model(x)
+    y_eager.square().sum().backward()
+    assert torch.equal(y, y_eager) and torch.equal(grad, model[0].weight.grad)
