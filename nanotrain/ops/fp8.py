@@ -294,6 +294,24 @@ def _(a, b, scale_a, scale_b, out_dtype, use_fast_accum):
     return a.new_empty((a.shape[0], b.shape[1]), dtype=out_dtype)
 
 
+def triton_quantize(x: Tensor, fp8_dtype: torch.dtype, mode: int, power_of_2: bool, write_main: bool,
+                    write_t: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """The fp8_quantize Triton backend: nanotrain::triton_fp8_quantize (a plain function, so that a model
+    holding it can be deep-copied)."""
+    return _triton_cast_op(x, fp8_dtype, mode, power_of_2, write_main, write_t)
+
+
+def triton_quantize_dual(x: Tensor, fp8_dtype: torch.dtype, power_of_2: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The fp8_quantize_dual Triton backend: nanotrain::triton_fp8_quantize_dual."""
+    return _triton_cast_dual_op(x, fp8_dtype, power_of_2)
+
+
+def triton_matmul(a: Tensor, b: Tensor, scale_a: Tensor, scale_b: Tensor, out_dtype: torch.dtype,
+                  use_fast_accum: bool = False) -> Tensor:
+    """The fp8_matmul Triton backend: nanotrain::triton_fp8_matmul."""
+    return _triton_mm_op(a, b, scale_a, scale_b, out_dtype, use_fast_accum)
+
+
 # ----------------------------------------------------------------------------------------------------
 # Self-checks (registry.register_self_check): SQNR in dB against the unquantized values (DESIGN.md: >= 25 for
 # casts and GEMMs), on small random inputs, for each scaling mode the case uses.
@@ -346,15 +364,15 @@ registry.register_self_check("fp8_quantize", self_check_cast, [{}])
 registry.register_self_check("fp8_quantize_dual", self_check_cast_dual, [{}])
 registry.register_self_check("fp8_matmul", self_check_matmul,
                              [{"rowwise": r, "aligned": True} for r in (False, True)])
-registry.register("fp8_quantize", "triton", _triton_cast_op, _check_triton, interpreter=True,
+registry.register("fp8_quantize", "triton", triton_quantize, _check_triton, interpreter=True,
                   description="fused Triton absmax + scale + saturating cast (+ transposed copy)")
 registry.register("fp8_quantize", "reference", reference_cast, description="pure-PyTorch amax, scale and cast")
-registry.register("fp8_quantize_dual", "triton", _triton_cast_dual_op, _check_triton, interpreter=True,
+registry.register("fp8_quantize_dual", "triton", triton_quantize_dual, _check_triton, interpreter=True,
                   description="fused Triton row + column absmax, then both casts in one pass")
 registry.register("fp8_quantize_dual", "reference", reference_cast_dual, description="two pure-PyTorch quantizes")
 registry.register("fp8_matmul", "scaled_mm", cublas_scaled_mm, _check_scaled_mm, fused=True,
                   description="torch._scaled_mm (cuBLASLt / CUTLASS FP8)")
-registry.register("fp8_matmul", "triton", _triton_mm_op, _check_triton, interpreter=True,
+registry.register("fp8_matmul", "triton", triton_matmul, _check_triton, interpreter=True,
                   description="Triton FP8 GEMM, scales in the epilogue")
 registry.register("fp8_matmul", "reference", reference_scaled_mm, description="dequantize to fp32 and matmul")
 
