@@ -13,7 +13,7 @@ import logging
 import pytest
 import torch
 
-from nanotrain import train
+from nanotrain import optim, train
 from nanotrain.errors import UserError
 from nanotrain.model import GPTConfig, build_model
 from nanotrain.ops import attention as A
@@ -233,3 +233,27 @@ def test_fp8_backends_are_resolved_at_conversion_and_the_compiled_forward_only_c
     y_eager = model(x)
     y_eager.square().sum().backward()
     assert torch.equal(y, y_eager) and torch.equal(grad, model[0].weight.grad)
+
+
+def test_the_optimizer_resolves_its_muon_step_when_built(monkeypatch):
+    params = [torch.nn.Parameter(torch.randn(16, 32)) for _ in range(2)]
+    opt = optim.MuonAdamW([{"kind": "muon", "params": params, "lr": 0.02, "momentum": 0.95, "ns_steps": 5,
+                            "beta2": 0.9, "weight_decay": 0.1}])
+
+    def called_in_step(*args, **kwargs):
+        raise AssertionError("the registry ran inside the optimizer step")
+
+    monkeypatch.setattr(registry, "resolve", called_in_step)
+    for p in params:
+        p.grad = torch.randn_like(p)
+    before = params[0].detach().clone()
+    opt.step()
+    assert (params[0] - before).abs().max().item() > 1e-3
+
+
+@pytest.mark.gpu
+def test_gpu_every_fused_backend_passes_its_self_check():
+    rows, note = registry.check_all("cuda")
+    print("\n".join(registry.check_table(rows)))
+    assert rows, note
+    assert all(r.passed for r in rows), [f"{r.op}/{r.backend} {r.case}: {r.describe()}" for r in rows if not r.passed]
