@@ -230,13 +230,22 @@ def build_parser() -> argparse.ArgumentParser:
         else:
             kind = {"target_flops": float}.get(f.name) or (type(default) if default is not None else str)
             p.add_argument(flag, type=kind, default=default, help=help)
+    p.add_argument("--check", action="store_true",
+                   help="with --kernels alone: also run every fused backend's self-check here and print the table")
     return p
 
 
 def parse_args(argv: list[str] | None = None) -> TrainConfig:
-    """Parse the command line into a validated TrainConfig (UserError on a bad value)."""
-    ns = build_parser().parse_args(argv)
-    return TrainConfig(**vars(ns))
+    """Parse the command line into a validated TrainConfig (UserError on a bad value).
+
+    `--kernels --check` becomes kernels="check" (print the table and run the self-checks)."""
+    ns = vars(build_parser().parse_args(argv))
+    if ns.pop("check"):
+        if ns["kernels"] != "list":
+            raise UserError("--check runs the kernel self-checks and goes with --kernels alone: "
+                            "run `nanotrain --kernels --check`.")
+        ns["kernels"] = "check"
+    return TrainConfig(**ns)
 
 
 def resume_rules() -> dict[str, tuple[str, str]]:

@@ -17,8 +17,11 @@ Architecture (nanochat's current gpt.py; the reasons are nanochat's and modded-n
 - logits softcapped at 15 with tanh, computed in float32.
 
 Precision: parameters stay float32; bf16 comes only from torch.autocast set by the caller (the trainer
-on CUDA). On CPU everything runs in float32. Attention goes through `nanotrain.ops.attention`; the big
-matmuls are plain nn.Linear(bias=False) modules so the FP8 converter can swap them by isinstance.
+on CUDA). On CPU everything runs in float32. Attention goes through `nanotrain.ops.attention`: each layer
+holds the backends resolved (and self-checked) for its case when the model is built (`resolve_kernels`,
+called by `build_model`), so no backend choice runs inside the compiled forward; a layer whose tensors do
+not match what was resolved (another device or dtype) uses the per-call `attention`. The big matmuls are
+plain nn.Linear(bias=False) modules so the FP8 converter can swap them by isinstance.
 
 Construction is cheap and data-free so it can run under `with torch.device("meta"):`; call
 `model.to_empty(device=...)` and then `model.init_weights()` (deterministic given torch.manual_seed).
@@ -32,6 +35,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from nanotrain.ops import attention as attention_ops
 from nanotrain.ops.attention import attention, attention_decode
 from nanotrain.scaling import window_sizes
 
@@ -189,6 +193,7 @@ class CausalSelfAttention(nn.Module):
         self.ve_gate_channels = min(VE_GATE_CHANNELS, C)
         self.ve_gate = (nn.Linear(self.ve_gate_channels, self.n_kv_head, bias=False)
                         if has_value_embedding(layer_idx, config.n_layer) else None)
+        self.kernels: attention_ops.Resolved | None = None  # set by GPT.resolve_kernels
 
     def forward(self, x: Tensor, ve: Tensor | None, cos: Tensor, sin: Tensor, window: int | None,
                 kv_cache: KVCache | None) -> Tensor:
@@ -204,8 +209,12 @@ class CausalSelfAttention(nn.Module):
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         q, k = norm(q) * QK_SCALE, norm(k) * QK_SCALE
         q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+        kern = self.kernels
         if kv_cache is None:
-            y = attention(q, k, v, window)
+            if kern is not None and kern.device_type == q.device.type and kern.dtype == q.dtype:
+                y = kern.train(q, k, v, window, None)
+            else:
+                y = attention(q, k, v, window)
         else:
             k_cache, v_cache = kv_cache.get_layer_cache(self.layer_idx)
             pos = kv_cache.get_pos()
@@ -213,7 +222,11 @@ class CausalSelfAttention(nn.Module):
                 raise ValueError(f"KV cache full: {pos} + {T} tokens > its {kv_cache.max_seq_len} positions")
             k_cache[:, pos:pos + T] = k
             v_cache[:, pos:pos + T] = v
-            y = attention_decode(q.to(k_cache.dtype), k_cache, v_cache, kv_cache.cache_seqlens + T, window)
+            qc, seqlens = q.to(k_cache.dtype), kv_cache.cache_seqlens + T
+            if kern is not None and kern.device_type == qc.device.type and kern.dtype == qc.dtype:
+                y = kern.decode(qc, k_cache, v_cache, seqlens, window, None)
+            else:
+                y = attention_decode(qc, k_cache, v_cache, seqlens, window)
             y = y.to(dtype)
             if self.layer_idx == kv_cache.n_layers - 1:
                 kv_cache.advance(T)
@@ -289,7 +302,8 @@ class GPT(nn.Module):
         c_q, c_k, c_v, value embeddings ~ U(-s, s) with s = sqrt(3 / n_embd) (std 1/sqrt(n_embd),
         uniform avoids outliers); c_fc ~ U(-0.4 s, 0.4 s); both output projections zero (each block
         starts as the identity); resid_lambdas from 1.15 down to 1.05 and x0_lambdas from 0.20 down to
-        0.05 across depth; smear_lambda 0, backout_lambda 0.2, gate weights ~ U(0, 0.02).
+        0.05 across depth; smear_lambda 0, backout_lambda 0.2, gate weights ~ U(0, 0.02). Then resolves the
+        attention backends for the model's device (resolve_kernels with its default dtype).
         """
         cfg = self.config
         nn.init.normal_(self.transformer.wte.weight, mean=0.0, std=0.8)
@@ -314,9 +328,27 @@ class GPT(nn.Module):
             if block.attn.ve_gate is not None:
                 nn.init.uniform_(block.attn.ve_gate.weight, 0.0, 0.02)
         self.cos, self.sin = self._rotary_tables(self.rotary_seq_len, cfg.head_dim, self.get_device())
+        if self.get_device().type != "meta":  # every path that allocates a model resolves its backends here
+            self.resolve_kernels()
 
     def get_device(self) -> torch.device:
         return self.transformer.wte.weight.device
+
+    def resolve_kernels(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> None:
+        """Choose (and, on a GPU, self-check) each layer's attention backends once, for the compute `dtype`
+        (default: bfloat16 on CUDA, where the trainer autocasts, else float32). Layers of the same case share
+        one resolution. Called by build_model; call it again after moving the model to another device."""
+        device = torch.device(device) if device is not None else self.get_device()
+        if dtype is None:
+            dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        cfg = self.config
+        for block, window in zip(self.transformer.h, self.window_sizes):
+            block.attn.kernels = attention_ops.resolve(device, dtype, cfg.head_dim, window, cfg.sequence_len,
+                                                       cfg.n_kv_head != cfg.n_head)
+
+    def kernel_names(self) -> list[tuple[str, str] | None]:
+        """Per layer, the (attention, decode) backends resolve_kernels chose (None before it ran)."""
+        return [None if b.attn.kernels is None else b.attn.kernels.names for b in self.transformer.h]
 
     # ---------------------------------------------------------------- accounting
     def num_scaling_params(self) -> dict[str, int]:
@@ -444,12 +476,16 @@ class GPT(nn.Module):
             yield int(ids.item())
 
 
-def build_model(config: GPTConfig, device: torch.device | str, pad_vocab_size_to: int = 64) -> GPT:
-    """Construct on the meta device, allocate on `device`, and initialize (the trainer's path)."""
+def build_model(config: GPTConfig, device: torch.device | str, pad_vocab_size_to: int = 64,
+                compute_dtype: torch.dtype | None = None) -> GPT:
+    """Construct on the meta device, allocate on `device`, initialize, and resolve the attention backends for
+    `compute_dtype` (default: bfloat16 on CUDA, float32 elsewhere) (the trainer's path)."""
     with torch.device("meta"):
         model = GPT(config, pad_vocab_size_to=pad_vocab_size_to)
     model.to_empty(device=device)
     model.init_weights()
+    if compute_dtype is not None:  # init_weights resolved for the device's default dtype
+        model.resolve_kernels(device, compute_dtype)
     return model
 
 

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from nanotrain import distributed
-from nanotrain.ops.newton_schulz import muon_update
+from nanotrain.ops import newton_schulz
 
 ADAMW_KEYS = ("lr", "betas", "eps", "weight_decay")
 MUON_KEYS = ("lr", "momentum", "ns_steps", "beta2", "weight_decay")
@@ -80,6 +80,18 @@ class MuonAdamW(torch.optim.Optimizer):
                 if len(shapes) > 1 or any(len(s) != 2 for s in shapes):
                     raise ValueError(f"param group {i} (muon) needs 2-D parameters of one shape, got {shapes}")
         super().__init__(groups, defaults={})
+        # the Muon step's backend per (device type, dtype, shape), resolved now, not inside step()
+        self._muon_kernels: dict[tuple, Any] = {}
+        for g in self.param_groups:
+            if g["kind"] == "muon" and g["params"]:
+                self._muon_kernel(g["params"][0])
+
+    def _muon_kernel(self, p: Tensor) -> Any:
+        """The resolved Muon step for stacks of p's shape, device and dtype (resolved on first sight)."""
+        key = (p.device.type, p.dtype, tuple(p.shape[-2:]))
+        if key not in self._muon_kernels:
+            self._muon_kernels[key] = newton_schulz.resolve_update(p.device, p.dtype, key[2])
+        return self._muon_kernels[key]
 
     # ------------------------------------------------------------------ AdamW
     def _adamw_update(self, p: Tensor, grad: Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
@@ -110,8 +122,9 @@ class MuonAdamW(torch.optim.Optimizer):
             state["momentum_buffer"] = torch.zeros_like(params)
             second_shape = (K, m, 1) if m >= n else (K, 1, n)
             state["second_momentum"] = torch.zeros(second_shape, dtype=params.dtype, device=params.device)
-        muon_update(grads, params, state["momentum_buffer"], state["second_momentum"], group["momentum"],
-                    group["lr"] * muon_lr_scale((m, n)), group["weight_decay"], group["beta2"], group["ns_steps"])
+        update = self._muon_kernel(params)
+        update(grads, params, state["momentum_buffer"], state["second_momentum"], group["momentum"],
+               group["lr"] * muon_lr_scale((m, n)), group["weight_decay"], group["beta2"], group["ns_steps"])
 
     def _muon_group_update(self, params: list[Tensor], grads: list[Tensor | None], state: dict[str, Any],
                            group: dict[str, Any]) -> None:

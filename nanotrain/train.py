@@ -116,15 +116,9 @@ def use_compile(cfg: TrainConfig, device: torch.device, num_iterations: int) -> 
     return device.type == "cpu" and num_iterations >= CPU_COMPILE_MIN_STEPS and has_compiler
 
 
-def print_kernel_table(device: torch.device | None = None) -> None:
-    from nanotrain.ops._ext import extension_status
-
-    device = device or torch.device(distributed.autodetect_device_type())
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    print(f"extension nanotrain._C: {extension_status()}")
-    print(f"backends on {device} ({dtype}):")
-    for line in registry.report(device, dtype):
-        print("  " + line)
+def print_kernel_table(device: torch.device | None = None, check: bool = False) -> bool:
+    """`nanotrain --kernels [--check]`: see registry.print_table (False when a self-check failed)."""
+    return registry.print_table(device or torch.device(distributed.autodetect_device_type()), check=check)
 
 
 class StopSignals:
@@ -621,10 +615,11 @@ def report_kernels(mon: Monitor, rt: Runtime, model_config, fp8: bool) -> None:
     dtype = torch.bfloat16 if rt.device_type == "cuda" else torch.float32
     head_dim = model_config.n_embd // model_config.n_head
     used = ["attention", "attention_decode", "muon_update", "packing"] + (["fp8_matmul", "fp8_quantize"] if fp8 else [])
-    for line in registry.report(rt.device, dtype, {"attention": {"head_dim": head_dim},
-                                                   "attention_decode": {"head_dim": head_dim}}, only=used):
+    # the case of the full-window layers, as ops.attention.case_props names it
+    case = {"head_dim": head_dim, "window": "full", "gqa": model_config.n_kv_head != model_config.n_head}
+    for line in registry.report(rt.device, dtype, {"attention": case, "attention_decode": case}, only=used):
         mon.print(line)
-    attention = registry.select("attention", rt.device, dtype, head_dim=head_dim)
+    attention = registry.resolve("attention", rt.device, dtype, **case)
     if rt.device_type == "cuda" and attention.name in ("sdpa", "reference") and "S" in model_config.window_pattern:
         mon.warn(f"attention runs on '{attention.name}', which computes every key of a sliding window "
                  f"(pattern {model_config.window_pattern}): expect low GPU utilization; --window-pattern L avoids it")
@@ -633,9 +628,8 @@ def report_kernels(mon: Monitor, rt: Runtime, model_config, fp8: bool) -> None:
 def main(argv: list[str] | None = None) -> int:
     try:
         cfg = parse_args(argv)
-        if cfg.kernels == "list":
-            print_kernel_table()
-            return 0
+        if cfg.kernels in ("list", "check"):
+            return 0 if print_kernel_table(check=cfg.kernels == "check") else 1
         registry.set_overrides(cfg.kernels)
         train(cfg)
         return 0

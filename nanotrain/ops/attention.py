@@ -8,11 +8,16 @@ Semantics shared by every backend:
 
 Backends, in order of preference (see registry.py): fused kernels where available, PyTorch SDPA,
 then `reference`, the readable masked-softmax definition that every other backend is tested against.
+Each fused backend is a `nanotrain::` custom op (one opaque node for torch.compile); `self_check` and
+`self_check_decode` beside the references verify a fused backend on the device before it serves a case
+(head_dim, window kind, GQA). The model resolves its backends once, when it is built (`resolve`);
+`attention(...)` and `attention_decode(...)` resolve on each call, for tests and evaluation scripts.
 """
 from __future__ import annotations
 
 import math
-from typing import Optional
+from dataclasses import dataclass
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -96,17 +101,112 @@ def sdpa(q: Tensor, k: Tensor, v: Tensor, window: int | None = None, scale: floa
     return out.transpose(1, 2)
 
 
+def case_props(head_dim: int, window: int | None, seq_len: int | None, gqa: bool) -> dict:
+    """The registry props of an attention case: head_dim, window kind ("full" when every earlier key is
+    visible, else "short") and whether queries share key/value heads (GQA)."""
+    full = window is None or (seq_len is not None and window >= seq_len)
+    return {"head_dim": int(head_dim), "window": "full" if full else "short", "gqa": bool(gqa)}
+
+
 def attention(q: Tensor, k: Tensor, v: Tensor, window: int | None = None, scale: float | None = None) -> Tensor:
-    """Causal sliding-window attention through the best available backend (see module doc)."""
-    backend = registry.select("attention", q.device, q.dtype, head_dim=q.shape[-1])
-    return backend.fn(q, k, v, window, scale)
+    """Causal sliding-window attention through the best available backend, resolved on this call (see module
+    doc; the model calls the backend it resolved when it was built instead)."""
+    props = case_props(q.shape[-1], window, q.shape[1], q.shape[2] != k.shape[2])
+    return registry.resolve("attention", q.device, q.dtype, **props).fn(q, k, v, window, scale)
 
 
 def attention_decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seqlens: Tensor,
                      window: int | None = None, scale: float | None = None) -> Tensor:
-    """Decoding/prefill attention against a KV cache (see reference_decode)."""
-    backend = registry.select("attention_decode", q.device, q.dtype, head_dim=q.shape[-1])
+    """Decoding/prefill attention against a KV cache (see reference_decode), resolved on this call."""
+    props = case_props(q.shape[-1], window, k_cache.shape[1], q.shape[2] != k_cache.shape[2])
+    backend = registry.resolve("attention_decode", q.device, q.dtype, **props)
     return backend.fn(q, k_cache, v_cache, cache_seqlens, window, scale)
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """The attention backends of one layer, resolved once when the model is built: `train(q, k, v, window,
+    scale)` and `decode(q, k_cache, v_cache, cache_seqlens, window, scale)`, valid for `device_type` and
+    `dtype` (the model falls back to the per-call functions for other tensors)."""
+    device_type: str
+    dtype: torch.dtype
+    train: Callable[..., Tensor]
+    decode: Callable[..., Tensor]
+    names: tuple[str, str]  # the backends' names, for the startup report
+
+
+def resolve(device: torch.device | str, dtype: torch.dtype, head_dim: int, window: int | None, seq_len: int,
+            gqa: bool) -> Resolved:
+    """Resolve (and self-check, on a GPU) the attention and decode backends of a layer's case."""
+    device = torch.device(device)
+    props = case_props(head_dim, window, seq_len, gqa)
+    train = registry.resolve("attention", device, dtype, **props)
+    decode = registry.resolve("attention_decode", device, dtype, **props)
+    return Resolved(device.type, dtype, train.fn, decode.fn, (train.name, decode.name))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Self-checks (registry.register_self_check): a backend against the reference on small random inputs, with
+# DESIGN.md's flash-attention rule: its max error against the float64 reference is at most twice the error of
+# the reference itself run in the same dtype, plus a floor at float32 rounding, for the output and each
+# gradient.
+# ----------------------------------------------------------------------------------------------------------
+_FLOOR = 1e-5  # relative to max(1, |result|): where the exact result is 0 the low-precision reference can be exact
+
+
+def _check_inputs(device: torch.device, dtype: torch.dtype, head_dim: int, window: str, gqa: bool, T: int):
+    gen = torch.Generator(device=device).manual_seed(0)
+    H, Hkv = (4, 2) if gqa else (2, 2)
+    shapes = ((1, T, H, head_dim), (1, T, Hkv, head_dim), (1, T, Hkv, head_dim), (1, T, H, head_dim))
+    q, k, v, do = (torch.randn(s, device=device, generator=gen).to(dtype) for s in shapes)
+    return q, k, v, do, (None if window == "full" else T // 2 + 1)
+
+
+def _worst(names: tuple[str, ...], got: tuple[Tensor, ...], ref64: tuple[Tensor, ...],
+           lowp: tuple[Tensor, ...]) -> registry.CheckResult:
+    """The result with the largest error/bound ratio among outputs and gradients (NaN counts as failed)."""
+    worst = None
+    for name, g, r, lo in zip(names, got, ref64, lowp):
+        err = (g.double() - r).abs().max().item()
+        base = (lo.double() - r).abs().max().item()
+        bound = 2 * base + _FLOOR * max(1.0, r.abs().max().item())
+        ratio = math.inf if not math.isfinite(err) else err / bound
+        if worst is None or ratio > worst[0]:
+            worst = (ratio, registry.CheckResult(err, bound, f"{name} max error"))
+    return worst[1]
+
+
+def self_check(fn: Callable[..., Tensor], device: torch.device, dtype: torch.dtype, head_dim: int = 64,
+               window: str = "full", gqa: bool = False, **props) -> registry.CheckResult:
+    """Run an attention backend `fn` forward and backward on one small case against the reference."""
+    T = 48 if device.type == "cpu" else 200  # not a multiple of any block: the edge tiles run too
+    q, k, v, do, w = _check_inputs(device, dtype, head_dim, window, gqa, T)
+    results = []
+    for run_dtype, run in ((dtype, fn), (torch.float64, reference), (dtype, reference)):
+        qr, kr, vr = (x.detach().to(run_dtype).requires_grad_() for x in (q, k, v))
+        out = run(qr, kr, vr, w, None)
+        out.backward(do.to(run_dtype))
+        results.append((out.detach(), qr.grad, kr.grad, vr.grad))
+    return _worst(("out", "dq", "dk", "dv"), *results)
+
+
+def self_check_decode(fn: Callable[..., Tensor], device: torch.device, dtype: torch.dtype, head_dim: int = 64,
+                      window: str = "full", gqa: bool = False, **props) -> registry.CheckResult:
+    """Run a decode backend `fn` (2 rows of different cache lengths, 3 new queries) against reference_decode."""
+    Tmax = 40 if device.type == "cpu" else 160
+    gen = torch.Generator(device=device).manual_seed(0)
+    H, Hkv = (4, 2) if gqa else (2, 2)
+    q = torch.randn(2, 3, H, head_dim, device=device, generator=gen).to(dtype)
+    k_cache, v_cache = (torch.randn(2, Tmax, Hkv, head_dim, device=device, generator=gen).to(dtype) for _ in "kv")
+    seqlens = torch.tensor([Tmax, Tmax // 2 + 3], device=device, dtype=torch.int32)
+    w = None if window == "full" else Tmax // 2 + 1
+    got = fn(q, k_cache, v_cache, seqlens, w, None)
+    ref64 = reference_decode(q.double(), k_cache.double(), v_cache.double(), seqlens, w)
+    lowp = reference_decode(q, k_cache, v_cache, seqlens, w)
+    return _worst(("out",), (got,), (ref64,), (lowp,))
+
+
+_CASES = [{"head_dim": d, "window": w, "gqa": g} for d in (64, 128) for w in ("full", "short") for g in (False, True)]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -233,6 +333,8 @@ def triton_attention_decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_s
     return _triton_attention_decode(q, k_cache, v_cache, cache_seqlens, window, scale)
 
 
+registry.register_self_check("attention", self_check, _CASES)
+registry.register_self_check("attention_decode", self_check_decode, _CASES)
 registry.register("attention", "triton", triton_attention, triton_check, interpreter=True,
                   description="fused sliding-window flash attention (Triton)")
 registry.register("attention", "sdpa", sdpa, description="PyTorch SDPA (dense mask for sliding windows)")

@@ -26,9 +26,11 @@ reference. Op "fp8_quantize_dual" (rowwise: a tensor scaled per row and, transpo
 amax pass and one cast pass): triton, reference. The registry keeps the first available; a per-shape
 measured choice between scaled_mm and triton is left for when a GPU has measured both (bench_fp8.py).
 
-The casts and the GEMM are torch.library custom ops (nanotrain::fp8_cast, fp8_cast_dual, fp8_mm) with
-fake implementations, so torch.compile traces the autograd.Function around them as opaque nodes and
-the backend choice happens at run time.
+Each fused backend is a torch.library custom op with a fake implementation (nanotrain::triton_fp8_quantize,
+triton_fp8_quantize_dual, triton_fp8_matmul), so torch.compile traces the autograd.Function around them as
+opaque nodes; the references and torch._scaled_mm are traced as they are. The backends are chosen once:
+`convert_to_float8` resolves an `Fp8Kernels` record per layer (self-checked on the GPU) and the
+autograd.Function calls those callables; no registry lookup runs inside the compiled forward or an op.
 """
 from __future__ import annotations
 
@@ -194,12 +196,6 @@ def _check_triton(device: torch.device, dtype: torch.dtype, **props) -> str | No
     return None if why is None else f"FP8 Triton kernels need CUDA sm89+, this device is {why}"
 
 
-registry.register("fp8_quantize", "triton", triton_cast, _check_triton, interpreter=True,
-                  description="fused Triton absmax + scale + saturating cast (+ transposed copy)")
-registry.register("fp8_quantize", "reference", reference_cast, description="pure-PyTorch amax, scale and cast")
-registry.register("fp8_quantize_dual", "triton", triton_cast_dual, _check_triton, interpreter=True,
-                  description="fused Triton row + column absmax, then both casts in one pass")
-registry.register("fp8_quantize_dual", "reference", reference_cast_dual, description="two pure-PyTorch quantizes")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -252,25 +248,20 @@ def _check_scaled_mm(device: torch.device, dtype: torch.dtype, rowwise: bool = F
     return None
 
 
-registry.register("fp8_matmul", "scaled_mm", cublas_scaled_mm, _check_scaled_mm,
-                  description="torch._scaled_mm (cuBLASLt / CUTLASS FP8)")
-registry.register("fp8_matmul", "triton", triton_scaled_mm, _check_triton, interpreter=True,
-                  description="Triton FP8 GEMM, scales in the epilogue")
-registry.register("fp8_matmul", "reference", reference_scaled_mm, description="dequantize to fp32 and matmul")
 
 
 # ----------------------------------------------------------------------------------------------------
-# Custom ops (opaque to torch.compile; the backend is chosen when they run)
+# Custom ops: one `nanotrain::` op per fused backend (opaque to torch.compile, with a fake); the references
+# and torch._scaled_mm are plain PyTorch that torch.compile traces. No backend choice happens inside an op.
 
 
-@torch.library.custom_op("nanotrain::fp8_cast", mutates_args=())
-def _fp8_cast_op(x: Tensor, fp8_dtype: torch.dtype, mode: int, power_of_2: bool, write_main: bool,
-                 write_t: bool) -> tuple[Tensor, Tensor, Tensor]:
-    backend = registry.select("fp8_quantize", x.device, x.dtype)
-    return backend.fn(x, fp8_dtype, mode, power_of_2, write_main, write_t)
+@torch.library.custom_op("nanotrain::triton_fp8_quantize", mutates_args=())
+def _triton_cast_op(x: Tensor, fp8_dtype: torch.dtype, mode: int, power_of_2: bool, write_main: bool,
+                    write_t: bool) -> tuple[Tensor, Tensor, Tensor]:
+    return triton_cast(x, fp8_dtype, mode, power_of_2, write_main, write_t)
 
 
-@_fp8_cast_op.register_fake
+@_triton_cast_op.register_fake
 def _(x, fp8_dtype, mode, power_of_2, write_main, write_t):
     R, C = x.shape
     scale_shape = () if mode == -1 else ((R, 1) if mode == 1 else (1, C))
@@ -279,55 +270,172 @@ def _(x, fp8_dtype, mode, power_of_2, write_main, write_t):
             x.new_empty((C, R) if write_t else (0,), dtype=fp8_dtype))
 
 
-@torch.library.custom_op("nanotrain::fp8_cast_dual", mutates_args=())
-def _fp8_cast_dual_op(x: Tensor, fp8_dtype: torch.dtype, power_of_2: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    backend = registry.select("fp8_quantize_dual", x.device, x.dtype)
-    return backend.fn(x, fp8_dtype, power_of_2)
+@torch.library.custom_op("nanotrain::triton_fp8_quantize_dual", mutates_args=())
+def _triton_cast_dual_op(x: Tensor, fp8_dtype: torch.dtype, power_of_2: bool
+                         ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    return triton_cast_dual(x, fp8_dtype, power_of_2)
 
 
-@_fp8_cast_dual_op.register_fake
+@_triton_cast_dual_op.register_fake
 def _(x, fp8_dtype, power_of_2):
     R, C = x.shape
     return (x.new_empty((R, C), dtype=fp8_dtype), x.new_empty((R, 1), dtype=torch.float32),
             x.new_empty((C, R), dtype=fp8_dtype), x.new_empty((1, C), dtype=torch.float32))
 
 
-@torch.library.custom_op("nanotrain::fp8_mm", mutates_args=())
-def _fp8_mm_op(a: Tensor, b: Tensor, scale_a: Tensor, scale_b: Tensor, out_dtype: torch.dtype,
-               use_fast_accum: bool) -> Tensor:
-    rowwise = scale_a.numel() > 1 or scale_b.numel() > 1
-    aligned = a.shape[0] % 16 == 0 and a.shape[1] % 16 == 0 and b.shape[1] % 16 == 0
-    backend = registry.select("fp8_matmul", a.device, out_dtype, rowwise=rowwise, aligned=aligned)
-    return backend.fn(a, b, scale_a, scale_b, out_dtype, use_fast_accum)
+@torch.library.custom_op("nanotrain::triton_fp8_matmul", mutates_args=())
+def _triton_mm_op(a: Tensor, b: Tensor, scale_a: Tensor, scale_b: Tensor, out_dtype: torch.dtype,
+                  use_fast_accum: bool) -> Tensor:
+    return triton_scaled_mm(a, b, scale_a, scale_b, out_dtype, use_fast_accum)
 
 
-@_fp8_mm_op.register_fake
+@_triton_mm_op.register_fake
 def _(a, b, scale_a, scale_b, out_dtype, use_fast_accum):
     return a.new_empty((a.shape[0], b.shape[1]), dtype=out_dtype)
 
 
+def triton_quantize(x: Tensor, fp8_dtype: torch.dtype, mode: int, power_of_2: bool, write_main: bool,
+                    write_t: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """The fp8_quantize Triton backend: nanotrain::triton_fp8_quantize (a plain function, so that a model
+    holding it can be deep-copied)."""
+    return _triton_cast_op(x, fp8_dtype, mode, power_of_2, write_main, write_t)
+
+
+def triton_quantize_dual(x: Tensor, fp8_dtype: torch.dtype, power_of_2: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The fp8_quantize_dual Triton backend: nanotrain::triton_fp8_quantize_dual."""
+    return _triton_cast_dual_op(x, fp8_dtype, power_of_2)
+
+
+def triton_matmul(a: Tensor, b: Tensor, scale_a: Tensor, scale_b: Tensor, out_dtype: torch.dtype,
+                  use_fast_accum: bool = False) -> Tensor:
+    """The fp8_matmul Triton backend: nanotrain::triton_fp8_matmul."""
+    return _triton_mm_op(a, b, scale_a, scale_b, out_dtype, use_fast_accum)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Self-checks (registry.register_self_check): SQNR in dB against the unquantized values (DESIGN.md: >= 25 for
+# casts and GEMMs), on small random inputs, for each scaling mode the case uses.
+
+SQNR_MIN = 25.0
+
+
+def _check_input(device: torch.device, dtype: torch.dtype, shape: tuple[int, int], seed: int) -> Tensor:
+    gen = torch.Generator(device=device).manual_seed(seed)
+    return (torch.randn(shape, device=device, generator=gen) * 3).to(dtype)
+
+
+def self_check_cast(fn: Callable[..., tuple[Tensor, Tensor, Tensor]], device: torch.device, dtype: torch.dtype,
+                    **props) -> registry.CheckResult:
+    """A cast backend in every mode: both its outputs dequantized against x (the lowest SQNR counts)."""
+    x = _check_input(device, dtype, (48, 80), 0)
+    worst = math.inf
+    for mode in (-1, 1, 0):
+        q, scale, q_t = fn(x, E4M3, mode, mode != -1, True, True)
+        worst = min(worst, sqnr(x, dequantize(q, scale)), sqnr(x.t(), dequantize(q_t, scale.t())))
+    return registry.CheckResult(worst, SQNR_MIN, "SQNR dB", higher_is_better=True)
+
+
+def self_check_cast_dual(fn: Callable[..., tuple[Tensor, Tensor, Tensor, Tensor]], device: torch.device,
+                         dtype: torch.dtype, **props) -> registry.CheckResult:
+    """A dual-cast backend: the per-row copy and the transposed per-column copy against x."""
+    x = _check_input(device, dtype, (48, 80), 0)
+    q_rows, s_rows, q_cols_t, s_cols = fn(x, E4M3, True)
+    worst = min(sqnr(x, dequantize(q_rows, s_rows)), sqnr(x.t(), dequantize(q_cols_t, s_cols.t())))
+    return registry.CheckResult(worst, SQNR_MIN, "SQNR dB", higher_is_better=True)
+
+
+def self_check_matmul(fn: Callable[..., Tensor], device: torch.device, dtype: torch.dtype, rowwise: bool = False,
+                      aligned: bool = True, **props) -> registry.CheckResult:
+    """A scaled-GEMM backend on operands quantized by the reference, against the unquantized fp32 product, with
+    and without fast accumulation."""
+    M, K, N = (64, 96, 80) if aligned else (40, 72, 56)
+    a, w = _check_input(device, dtype, (M, K), 0).float(), _check_input(device, dtype, (N, K), 1).float()
+    qa, sa = quantize(a, E4M3, -1 if rowwise else None)
+    qw, sw = quantize(w, E4M3, -1 if rowwise else None)
+    exact = a @ w.t()
+    worst = math.inf
+    for fast in (False, True):
+        out = fn(qa, qw.t(), sa, sw.t() if rowwise else sw, torch.bfloat16 if device.type == "cuda" else dtype, fast)
+        worst = min(worst, sqnr(exact, out.float()))
+    return registry.CheckResult(worst, SQNR_MIN, "SQNR dB", higher_is_better=True)
+
+
+registry.register_self_check("fp8_quantize", self_check_cast, [{}])
+registry.register_self_check("fp8_quantize_dual", self_check_cast_dual, [{}])
+registry.register_self_check("fp8_matmul", self_check_matmul,
+                             [{"rowwise": r, "aligned": True} for r in (False, True)])
+registry.register("fp8_quantize", "triton", triton_quantize, _check_triton, interpreter=True,
+                  description="fused Triton absmax + scale + saturating cast (+ transposed copy)")
+registry.register("fp8_quantize", "reference", reference_cast, description="pure-PyTorch amax, scale and cast")
+registry.register("fp8_quantize_dual", "triton", triton_quantize_dual, _check_triton, interpreter=True,
+                  description="fused Triton row + column absmax, then both casts in one pass")
+registry.register("fp8_quantize_dual", "reference", reference_cast_dual, description="two pure-PyTorch quantizes")
+registry.register("fp8_matmul", "scaled_mm", cublas_scaled_mm, _check_scaled_mm, fused=True,
+                  description="torch._scaled_mm (cuBLASLt / CUTLASS FP8)")
+registry.register("fp8_matmul", "triton", triton_matmul, _check_triton, interpreter=True,
+                  description="Triton FP8 GEMM, scales in the epilogue")
+registry.register("fp8_matmul", "reference", reference_scaled_mm, description="dequantize to fp32 and matmul")
+
+
+@dataclass(frozen=True)
+class Fp8Kernels:
+    """The FP8 backends of a linear layer, resolved once when the model is converted (`resolve_kernels`):
+    the casts and the GEMM for shapes whose dimensions are all multiples of 16 (`matmul`) or not
+    (`matmul_unaligned`: torch._scaled_mm needs the alignment)."""
+    quantize: Callable[..., tuple[Tensor, Tensor, Tensor]]
+    quantize_dual: Callable[..., tuple[Tensor, Tensor, Tensor, Tensor]]
+    matmul: Callable[..., Tensor]
+    matmul_unaligned: Callable[..., Tensor]
+    names: tuple[str, ...] = ()
+
+
+def resolve_kernels(device: torch.device | str, dtype: torch.dtype, rowwise: bool) -> Fp8Kernels:
+    """Resolve (and self-check, on a GPU) the FP8 backends for a linear on device/dtype with this recipe."""
+    device = torch.device(device)
+    quant = registry.resolve("fp8_quantize", device, dtype)
+    dual = registry.resolve("fp8_quantize_dual", device, dtype)
+    mm = registry.resolve("fp8_matmul", device, dtype, rowwise=rowwise, aligned=True)
+    mm_u = registry.resolve("fp8_matmul", device, dtype, rowwise=rowwise, aligned=False)
+    return Fp8Kernels(quant.fn, dual.fn, mm.fn, mm_u.fn, (quant.name, dual.name, mm.name, mm_u.name))
+
+
+def _kernels_for(x: Tensor, rowwise: bool) -> Fp8Kernels:
+    """Per-call resolution, for a Float8Linear used on its own (tests, scripts) without resolve_kernels."""
+    return resolve_kernels(x.device, x.dtype, rowwise)
+
+
 def cast_to_fp8(x: Tensor, fp8_dtype: torch.dtype, mode: int, power_of_2: bool = False, write_main: bool = True,
                 write_t: bool = False) -> tuple[Tensor, Tensor, Tensor]:
-    """Quantize a 2-D x (R, C) through the best fp8_quantize backend. mode: -1 one scale per tensor,
-    1 one per row, 0 one per column. Returns (x_fp8 (R, C) or empty, scale, x_fp8.T (C, R) or empty)."""
-    return torch.ops.nanotrain.fp8_cast(x, fp8_dtype, mode, power_of_2, write_main, write_t)
+    """Quantize a 2-D x (R, C) through the best fp8_quantize backend, resolved on this call. mode: -1 one scale
+    per tensor, 1 one per row, 0 one per column. Returns (x_fp8 (R, C) or empty, scale, x_fp8.T (C, R) or
+    empty)."""
+    backend = registry.resolve("fp8_quantize", x.device, x.dtype)
+    return backend.fn(x, fp8_dtype, mode, power_of_2, write_main, write_t)
 
 
 def cast_to_fp8_rows_and_cols(x: Tensor, fp8_dtype: torch.dtype, power_of_2: bool = False,
                               ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """x (R, C) -> (x_fp8 per-row scaled (R, C), scales (R, 1), x.T fp8 per-column scaled (C, R), scales (1, C))
-    through the best fp8_quantize_dual backend (one pass over x for both on the GPU)."""
-    return torch.ops.nanotrain.fp8_cast_dual(x, fp8_dtype, power_of_2)
+    through the best fp8_quantize_dual backend, resolved on this call (one pass over x on the GPU)."""
+    return registry.resolve("fp8_quantize_dual", x.device, x.dtype).fn(x, fp8_dtype, power_of_2)
+
+
+def _aligned(*dims: int) -> bool:
+    return all(d % 16 == 0 for d in dims)
 
 
 def scaled_mm(a_fp8: Tensor, b_fp8: Tensor, scale_a: Tensor, scale_b: Tensor, out_dtype: torch.dtype,
               use_fast_accum: bool = False) -> Tensor:
-    """(a_fp8 @ b_fp8) / (scale_a * scale_b) in out_dtype through the best fp8_matmul backend.
+    """(a_fp8 @ b_fp8) / (scale_a * scale_b) in out_dtype through the best fp8_matmul backend, resolved on this
+    call.
 
     a_fp8 (M, K) and b_fp8 (K, N) in fp8 (b ideally column-major, i.e. the .t() of a row-major (N, K));
     scale_a () or (M, 1) and scale_b () or (1, N): the quantization scales `quantize` returned.
     """
-    return torch.ops.nanotrain.fp8_mm(a_fp8, b_fp8, scale_a, scale_b, out_dtype, use_fast_accum)
+    rowwise = scale_a.numel() > 1 or scale_b.numel() > 1
+    aligned = _aligned(a_fp8.shape[0], a_fp8.shape[1], b_fp8.shape[1])
+    backend = registry.resolve("fp8_matmul", a_fp8.device, out_dtype, rowwise=rowwise, aligned=aligned)
+    return backend.fn(a_fp8, b_fp8, scale_a, scale_b, out_dtype, use_fast_accum)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -336,55 +444,62 @@ def scaled_mm(a_fp8: Tensor, b_fp8: Tensor, scale_a: Tensor, scale_b: Tensor, ou
 
 class _Float8LinearFn(torch.autograd.Function):
     """y = x @ W.T with all three GEMMs in FP8 (layouts: the left operand row-major, the right one
-    column-major, which the transposed copies of the cast provide)."""
+    column-major, which the transposed copies of the cast provide), through already-resolved backends."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, weight: Tensor, config: Float8Config, out_dtype: torch.dtype) -> Tensor:
+    def forward(ctx, x: Tensor, weight: Tensor, config: Float8Config, out_dtype: torch.dtype,
+                kernels: Fp8Kernels) -> Tensor:
         # x: (M, K), weight: (N, K) -> (M, N)
         p2 = config.power_of_2_scales
+        cast, mm = kernels.quantize, kernels.matmul
+        if not _aligned(x.shape[0], x.shape[1], weight.shape[0]):
+            mm = kernels.matmul_unaligned
         if config.rowwise:
             # x per row for this GEMM (M, 1); x per column (1, K), transposed (K, M), for grad_weight
-            x_q, x_s, x_qt, xc_s = cast_to_fp8_rows_and_cols(x, config.input_dtype, p2)
-            w_q, w_s, _ = cast_to_fp8(weight, config.weight_dtype, 1, p2)                 # w_s (N, 1)
-            y = scaled_mm(x_q, w_q.t(), x_s, w_s.t(), out_dtype, config.fast_accum_forward)
+            x_q, x_s, x_qt, xc_s = kernels.quantize_dual(x, config.input_dtype, p2)
+            w_q, w_s, _ = cast(weight, config.weight_dtype, 1, p2, True, False)               # w_s (N, 1)
+            y = mm(x_q, w_q.t(), x_s, w_s.t(), out_dtype, config.fast_accum_forward)
             ctx.save_for_backward(x_qt, xc_s, weight)
         else:
-            x_q, x_s, x_qt = cast_to_fp8(x, config.input_dtype, -1, p2, write_t=True)
-            w_q, w_s, w_qt = cast_to_fp8(weight, config.weight_dtype, -1, p2, write_t=True)
-            y = scaled_mm(x_q, w_q.t(), x_s, w_s, out_dtype, config.fast_accum_forward)
+            x_q, x_s, x_qt = cast(x, config.input_dtype, -1, p2, True, True)
+            w_q, w_s, w_qt = cast(weight, config.weight_dtype, -1, p2, True, True)
+            y = mm(x_q, w_q.t(), x_s, w_s, out_dtype, config.fast_accum_forward)
             ctx.save_for_backward(x_qt, x_s, w_qt, w_s)
-        ctx.config = config
+        ctx.config, ctx.kernels, ctx.mm = config, kernels, mm
         ctx.x_dtype, ctx.w_dtype = x.dtype, weight.dtype
         return y
 
     @staticmethod
     def backward(ctx, dy: Tensor):
         # dy: (M, N) -> dx (M, K), dW (N, K)
-        config = ctx.config
+        config, kernels, mm = ctx.config, ctx.kernels, ctx.mm
         p2, fast = config.power_of_2_scales, config.fast_accum_backward
         dy = dy.contiguous()
         if config.rowwise:
             x_qt, xc_s, weight = ctx.saved_tensors
             # dy per row (M, 1) for grad_input; per column (1, N), transposed (N, M), for grad_weight
-            dy_q, dy_s, dy_qt, dyc_s = cast_to_fp8_rows_and_cols(dy, config.grad_dtype, p2)
-            _, wc_s, w_qt = cast_to_fp8(weight, config.weight_dtype, 0, p2, write_main=False, write_t=True)
-            dx = scaled_mm(dy_q, w_qt.t(), dy_s, wc_s, ctx.x_dtype, fast)
-            dw = scaled_mm(dy_qt, x_qt.t(), dyc_s.t(), xc_s, ctx.w_dtype, fast)
+            dy_q, dy_s, dy_qt, dyc_s = kernels.quantize_dual(dy, config.grad_dtype, p2)
+            _, wc_s, w_qt = kernels.quantize(weight, config.weight_dtype, 0, p2, False, True)
+            dx = mm(dy_q, w_qt.t(), dy_s, wc_s, ctx.x_dtype, fast)
+            dw = mm(dy_qt, x_qt.t(), dyc_s.t(), xc_s, ctx.w_dtype, fast)
         else:
             x_qt, x_s, w_qt, w_s = ctx.saved_tensors
-            dy_q, dy_s, dy_qt = cast_to_fp8(dy, config.grad_dtype, -1, p2, write_t=True)
-            dx = scaled_mm(dy_q, w_qt.t(), dy_s, w_s, ctx.x_dtype, fast)
-            dw = scaled_mm(dy_qt, x_qt.t(), dy_s, x_s, ctx.w_dtype, fast)
-        return dx, dw, None, None
+            dy_q, dy_s, dy_qt = kernels.quantize(dy, config.grad_dtype, -1, p2, True, True)
+            dx = mm(dy_q, w_qt.t(), dy_s, w_s, ctx.x_dtype, fast)
+            dw = mm(dy_qt, x_qt.t(), dy_s, x_s, ctx.w_dtype, fast)
+        return dx, dw, None, None, None
 
 
-def float8_linear(x: Tensor, weight: Tensor, bias: Tensor | None, config: Float8Config) -> Tensor:
+def float8_linear(x: Tensor, weight: Tensor, bias: Tensor | None, config: Float8Config,
+                  kernels: Fp8Kernels | None = None) -> Tensor:
     """F.linear with FP8 GEMMs. x: (..., K), weight: (N, K) -> (..., N) in the autocast dtype when autocast
-    is on for x's device, else in x's dtype. Gradients come back in x's and weight's dtypes."""
+    is on for x's device, else in x's dtype. Gradients come back in x's and weight's dtypes. `kernels`: the
+    backends resolved in advance (default: resolved on this call)."""
     dev = x.device.type
     out_dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
     x2d = x.reshape(-1, x.shape[-1])
-    y = _Float8LinearFn.apply(x2d, weight, config, out_dtype)
+    kernels = _kernels_for(x, config.rowwise) if kernels is None else kernels
+    y = _Float8LinearFn.apply(x2d, weight, config, out_dtype, kernels)
     y = y.reshape(*x.shape[:-1], weight.shape[0])
     return y if bias is None else y + bias.to(y.dtype)
 
@@ -396,7 +511,9 @@ def float8_linear(x: Tensor, weight: Tensor, bias: Tensor | None, config: Float8
 class Float8Linear(nn.Linear):
     """nn.Linear whose matmuls run in FP8 (same parameters and state dict as the nn.Linear it replaces).
 
-    While `fp8_enabled` is False (see disable_fp8) it is exactly nn.Linear.
+    While `fp8_enabled` is False (see disable_fp8) it is exactly nn.Linear. `kernels` holds the backends
+    convert_to_float8 resolved for the weight's device; while it is None, or for tensors of another device
+    type, each call resolves them (for standalone use; not inside a compiled model).
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None,
@@ -404,6 +521,8 @@ class Float8Linear(nn.Linear):
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
         self.config = config or Float8Config.from_recipe("tensorwise")
         self.fp8_enabled = True
+        self.kernels: Fp8Kernels | None = None
+        self.kernels_device_type: str | None = None
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, config: Float8Config) -> Float8Linear:
@@ -418,7 +537,16 @@ class Float8Linear(nn.Linear):
     def forward(self, x: Tensor) -> Tensor:
         if not self.fp8_enabled:
             return F.linear(x, self.weight, self.bias)
-        return float8_linear(x, self.weight, self.bias, self.config)
+        kernels = self.kernels if self.kernels_device_type == x.device.type else None
+        return float8_linear(x, self.weight, self.bias, self.config, kernels)
+
+    def resolve_kernels(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> None:
+        """Resolve the FP8 backends once for `device` (default: the weight's) and `dtype` (default: bfloat16 on
+        CUDA, where the trainer autocasts, else float32)."""
+        device = torch.device(device) if device is not None else self.weight.device
+        dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+        self.kernels = resolve_kernels(device, dtype, self.config.rowwise)
+        self.kernels_device_type = device.type
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, recipe={self.config.recipe}"
@@ -442,6 +570,9 @@ def convert_to_float8(model: nn.Module, config: Float8Config,
     """Swap, in place, each nn.Linear child that `module_filter(module, fqn)` accepts (default:
     default_module_filter) for a Float8Linear sharing its parameters. Call before torch.compile.
 
+    Each converted layer resolves its FP8 backends now (on the device its weight lives on, unless that is the
+    meta device), so that no backend choice runs inside the compiled forward.
+
     Returns (converted, total linear layers), for the line "FP8: converted N of M linear layers".
     """
     accept = module_filter or default_module_filter
@@ -455,7 +586,10 @@ def convert_to_float8(model: nn.Module, config: Float8Config,
     for fqn in targets:
         parent_name, _, child_name = fqn.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child_name, Float8Linear.from_linear(getattr(parent, child_name), config))
+        new = Float8Linear.from_linear(getattr(parent, child_name), config)
+        if new.weight.device.type != "meta":
+            new.resolve_kernels()
+        setattr(parent, child_name, new)
     return len(targets), total
 
 

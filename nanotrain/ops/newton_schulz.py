@@ -8,9 +8,15 @@ X = G / (1.01 ||G||_F) so that every singular value is below 1, apply odd quinti
 with per-step coefficients chosen to push all singular values towards 1 as fast as possible.
 The output's singular values land in a band around 1 (not exactly 1): that is the intended result.
 
-Backends: fused kernels where available, then `reference` (plain PyTorch, in the input's dtype).
+Backends: fused kernels where available (each a `nanotrain::` custom op: triton_muon, triton_muon_update),
+then `reference` (plain PyTorch, in the input's dtype). `self_check` and `self_check_update` beside the
+references verify a fused backend on the device before it serves a shape. The optimizer resolves its
+`muon_update` once, when it is built (`resolve_update`); `orthogonalize` and `muon_update` resolve per call.
 """
 from __future__ import annotations
+
+import functools
+from typing import Callable
 
 import torch
 from torch import Tensor
@@ -50,20 +56,22 @@ def reference(G: Tensor, steps: int = 5) -> Tensor:
 
 
 def orthogonalize(G: Tensor, steps: int = 5) -> Tensor:
-    """Orthogonalize G (..., m, n) through the best available backend (see module doc)."""
-    backend = registry.select("muon", G.device, G.dtype, shape=tuple(G.shape[-2:]))
+    """Orthogonalize G (..., m, n) through the best available backend, resolved on this call (see module doc)."""
+    backend = registry.resolve("muon", G.device, G.dtype, shape=tuple(G.shape[-2:]))
     return backend.fn(G, steps)
 
 
 def muon_update_reference(grads: Tensor, params: Tensor, momentum_buffer: Tensor, second_momentum: Tensor,
-                          momentum: float, lr: float, weight_decay: float, beta2: float, steps: int = 5) -> None:
+                          momentum: float, lr: float, weight_decay: float, beta2: float, steps: int = 5,
+                          ortho: Callable[[Tensor, int], Tensor] | None = None) -> None:
     """One Muon step for a stack of same-shape matrices, in place on params and both buffers.
 
     grads, params, momentum_buffer: (K, m, n); second_momentum: (K, m, 1) if m >= n else (K, 1, n).
     Nesterov momentum -> MuonEq row equilibration -> orthogonalize -> Muon+ norm snap to sqrt(min(m,n))
     -> NorMuon variance reduction (factored second moment, norm preserved) -> cautious weight decay:
     decay only where the update and the parameter agree in sign. `lr` is the effective rate (the caller
-    applies the sqrt(max(1, m/n)) aspect factor). grads is used as scratch.
+    applies the sqrt(max(1, m/n)) aspect factor). grads is used as scratch. `ortho` is the orthogonalization
+    backend resolved in advance (default: `orthogonalize`, resolved on this call).
     """
     m, n = params.shape[-2:]
     momentum_buffer.lerp_(grads, 1 - momentum)
@@ -71,7 +79,7 @@ def muon_update_reference(grads: Tensor, params: Tensor, momentum_buffer: Tensor
     gf = g.float()
     target = gf.norm(dim=(-2, -1), keepdim=True) / (m ** 0.5)
     g = g * (target / gf.norm(dim=-1, keepdim=True).clamp_min(1e-6)).to(g.dtype)
-    g = orthogonalize(g, steps).to(params.dtype)
+    g = (orthogonalize if ortho is None else ortho)(g, steps).to(params.dtype)
     g = g * (min(m, n) ** 0.5 / g.float().norm(dim=(-2, -1), keepdim=True).clamp_min(1e-6)).to(g.dtype)
     red_dim = -1 if m >= n else -2
     v_mean = g.float().square().mean(dim=red_dim, keepdim=True)
@@ -87,9 +95,81 @@ def muon_update_reference(grads: Tensor, params: Tensor, momentum_buffer: Tensor
 
 def muon_update(grads: Tensor, params: Tensor, momentum_buffer: Tensor, second_momentum: Tensor,
                 momentum: float, lr: float, weight_decay: float, beta2: float, steps: int = 5) -> None:
-    """One in-place Muon step for a stack of matrices through the best backend (see muon_update_reference)."""
-    backend = registry.select("muon_update", params.device, params.dtype, shape=tuple(params.shape[-2:]))
-    backend.fn(grads, params, momentum_buffer, second_momentum, momentum, lr, weight_decay, beta2, steps)
+    """One in-place Muon step for a stack of matrices through the best backend, resolved on this call
+    (see muon_update_reference; the optimizer calls the one it resolved when it was built)."""
+    update = resolve_update(params.device, params.dtype, tuple(params.shape[-2:]))
+    update(grads, params, momentum_buffer, second_momentum, momentum, lr, weight_decay, beta2, steps)
+
+
+def resolve_update(device: torch.device | str, dtype: torch.dtype, shape: tuple[int, int]) -> Callable[..., None]:
+    """The Muon step for (K, *shape) stacks on device/dtype, resolved (and self-checked on a GPU) now: the fused
+    backend, or the reference bound to the orthogonalization backend resolved for the same case."""
+    backend = registry.resolve("muon_update", device, dtype, shape=tuple(shape))
+    if backend.name != "reference":
+        return backend.fn
+    ortho = registry.resolve("muon", device, dtype, shape=tuple(shape))
+    return functools.partial(backend.fn, ortho=ortho.fn)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Self-checks (registry.register_self_check): a backend against the float64 reference on a small stack of
+# the case's aspect ratio. Bound: twice the error of the reference run in the backend's compute dtype
+# (bfloat16 on the GPU, the input's dtype under the interpreter) plus 1e-3 (orthogonalize, as the d26
+# GPU test), and max(2x, 3e-2) on the parameter change for the whole Muon step (as its GPU test).
+# ---------------------------------------------------------------------------------------------------
+_CHECK_MAX_DIM = 128
+
+
+def _check_shape(shape: tuple[int, int] | None) -> tuple[int, int]:
+    """A small (m, n) with the aspect of `shape` (multiples of 8, the longer side at most _CHECK_MAX_DIM)."""
+    m, n = shape or (64, 64)
+    f = min(1.0, _CHECK_MAX_DIM / max(m, n))
+    return max(8, int(m * f) // 8 * 8), max(8, int(n * f) // 8 * 8)
+
+
+def _rel_err(a: Tensor, ref: Tensor) -> float:
+    return ((a.double() - ref).norm() / ref.norm()).item()
+
+
+def _check_matrices(device: torch.device, shape: tuple[int, int] | None, K: int = 2) -> Tensor:
+    gen = torch.Generator(device=device).manual_seed(0)
+    m, n = _check_shape(shape)
+    return torch.randn(K, m, n, device=device, generator=gen, dtype=torch.float64)
+
+
+def self_check(fn: Callable[..., Tensor], device: torch.device, dtype: torch.dtype,
+               shape: tuple[int, int] | None = None, **props) -> registry.CheckResult:
+    """Orthogonalization backend `fn` against the float64 reference (relative Frobenius error)."""
+    G = _check_matrices(device, shape)
+    ref = reference(G)
+    compute = torch.bfloat16 if device.type == "cuda" else dtype
+    base = _rel_err(reference(G.to(compute)), ref)
+    return registry.CheckResult(_rel_err(fn(G.to(dtype), 5), ref), 2 * base + 1e-3, "relative error")
+
+
+def self_check_update(fn: Callable[..., None], device: torch.device, dtype: torch.dtype,
+                      shape: tuple[int, int] | None = None, **props) -> registry.CheckResult:
+    """Muon-step backend `fn` against the float64 reference step (relative error of the parameter change)."""
+    grads = _check_matrices(device, shape)
+    gen = torch.Generator(device=device).manual_seed(1)
+    params = torch.randn(grads.shape, device=device, generator=gen, dtype=torch.float64) * 0.1
+    m, n = grads.shape[-2:]
+    second = torch.rand((grads.shape[0], m, 1) if m >= n else (grads.shape[0], 1, n), device=device, generator=gen,
+                        dtype=torch.float64) * 1e-2
+    momentum = torch.randn(grads.shape, device=device, generator=gen, dtype=torch.float64) * 0.5
+    hp = (0.95, 0.02, 0.2, 0.9)
+
+    def step(update: Callable[..., None], run_dtype: torch.dtype, **kw) -> Tensor:
+        state = [t.to(run_dtype).clone() for t in (grads, params, momentum, second)]
+        with torch.no_grad():
+            update(*state, *hp, **kw)
+        return state[1].double() - params.to(run_dtype).double()
+
+    ref = step(muon_update_reference, torch.float64, ortho=reference)
+    compute = torch.bfloat16 if device.type == "cuda" else dtype
+    base = _rel_err(step(muon_update_reference, compute, ortho=reference), ref)
+    return registry.CheckResult(_rel_err(step(fn, dtype), ref), max(2 * base, 3e-2 if compute == torch.bfloat16
+                                                                       else 1e-3), "parameter change relative error")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -219,7 +299,7 @@ def _check_steps(G: Tensor, steps: int) -> None:
         raise ValueError(f"orthogonalize: steps must be in 1..{len(POLAR_EXPRESS_COEFFS)}, got {steps}")
 
 
-@torch.library.custom_op("nanotrain_triton::muon_orthogonalize", mutates_args=())
+@torch.library.custom_op("nanotrain::triton_muon", mutates_args=())
 def orthogonalize_triton(G: Tensor, steps: int = 5) -> Tensor:
     """Polar Express orthogonalization with the Triton kernels; G (..., m, n) -> same shape and dtype.
 
@@ -240,7 +320,7 @@ def _(G: Tensor, steps: int = 5) -> Tensor:
     return torch.empty_like(G)
 
 
-@torch.library.custom_op("nanotrain_triton::muon_update",
+@torch.library.custom_op("nanotrain::triton_muon_update",
                          mutates_args=("grads", "params", "momentum_buffer", "second_momentum"))
 def muon_update_triton(grads: Tensor, params: Tensor, momentum_buffer: Tensor, second_momentum: Tensor,
                        momentum: float, lr: float, weight_decay: float, beta2: float, steps: int = 5) -> None:
@@ -274,6 +354,10 @@ def _(grads: Tensor, params: Tensor, momentum_buffer: Tensor, second_momentum: T
     return None
 
 
+_CASES = [{"shape": (64, 64)}, {"shape": (256, 64)}, {"shape": (64, 256)}]
+# on the GPU, checked in float32: the optimizer's master weights (the Triton iteration computes in bfloat16)
+registry.register_self_check("muon", self_check, _CASES, cuda_dtype=torch.float32)
+registry.register_self_check("muon_update", self_check_update, _CASES, cuda_dtype=torch.float32)
 registry.register("muon", "triton", orthogonalize_triton, check=triton_check, interpreter=True,
                   description="Triton symmetric-product Polar Express (bf16 on GPU)")
 registry.register("muon_update", "triton", muon_update_triton, check=triton_check, interpreter=True,

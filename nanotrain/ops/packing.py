@@ -13,9 +13,14 @@ refills the buffer (keeping the unused documents in order) and calls again.
 
 Returns (rows (R, row_len) int32 with R <= num_rows, consumed (D,) bool, cropped () int64).
 
-Backends: the C++ packer of nanotrain._C where built, then `reference` (Python).
+Backends: the C++ packer of nanotrain._C where built (the `nanotrain::best_fit_pack` op, defined by the
+extension with TORCH_LIBRARY, its fake in _ext.py), then `reference` (Python). The packer is exact, so it
+has no self-check: its tests compare it with the reference bit for bit. A loader resolves its packer once
+(`resolve`); `pack_rows` resolves on each call.
 """
 from __future__ import annotations
+
+from typing import Callable
 
 import torch
 from torch import Tensor
@@ -71,9 +76,14 @@ def reference(tokens: Tensor, offsets: Tensor, num_rows: int, row_len: int) -> t
 
 
 def pack_rows(tokens: Tensor, offsets: Tensor, num_rows: int, row_len: int) -> tuple[Tensor, Tensor, Tensor]:
-    """Best-fit pack documents into rows through the fastest available backend (see module doc)."""
-    backend = registry.select("packing", tokens.device, tokens.dtype)
-    return backend.fn(tokens, offsets, num_rows, row_len)
+    """Best-fit pack documents into rows through the fastest available backend, resolved on this call."""
+    return resolve(tokens.device, tokens.dtype)(tokens, offsets, num_rows, row_len)
+
+
+def resolve(device: torch.device | str = "cpu", dtype: torch.dtype = torch.int32,
+            ) -> Callable[[Tensor, Tensor, int, int], tuple[Tensor, Tensor, Tensor]]:
+    """The packer that serves token buffers of this device and dtype (the C++ one where built), chosen now."""
+    return registry.resolve("packing", device, dtype).fn
 
 
 def _cpp(tokens: Tensor, offsets: Tensor, num_rows: int, row_len: int) -> tuple[Tensor, Tensor, Tensor]:

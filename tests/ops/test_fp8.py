@@ -292,13 +292,13 @@ def test_float8_linear_autocast_bf16(recipe):
 
 def test_custom_ops_opcheck_and_compile():
     x = torch.randn(32, 48)
-    torch.library.opcheck(torch.ops.nanotrain.fp8_cast, (x, E4M3, 1, True, True, True))
-    torch.library.opcheck(torch.ops.nanotrain.fp8_cast_dual, (x, E4M3, True))
+    torch.library.opcheck(torch.ops.nanotrain.triton_fp8_quantize, (x, E4M3, 1, True, True, True))
+    torch.library.opcheck(torch.ops.nanotrain.triton_fp8_quantize_dual, (x, E4M3, True))
     qa, sa = fp8.quantize(torch.randn(32, 48), E4M3)
     qb, sb = fp8.quantize(torch.randn(48, 16), E4M3)
     # (opcheck's schema test runs arithmetic on the fp8 inputs, which CPU kernels lack; autograd lives in
     # _Float8LinearFn, not on the op)
-    torch.library.opcheck(torch.ops.nanotrain.fp8_mm, (qa, qb, sa, sb, torch.float32, False),
+    torch.library.opcheck(torch.ops.nanotrain.triton_fp8_matmul, (qa, qb, sa, sb, torch.float32, False),
                           test_utils=("test_faketensor", "test_aot_dispatch_dynamic"))
     # torch.compile traces the autograd.Function around the opaque custom ops, in one graph
     model = nn.Sequential(nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, 128))

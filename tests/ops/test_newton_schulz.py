@@ -246,10 +246,10 @@ def test_cpu_default_is_reference_and_reasons():
 def test_custom_ops_opcheck():
     """The Triton launchers are torch custom ops (one opaque node for torch.compile) with fakes."""
     G = torch.randn(1, 16, 24, device=interpreter_or_gpu())
-    torch.library.opcheck(torch.ops.nanotrain_triton.muon_orthogonalize.default, (G, 2),
+    torch.library.opcheck(torch.ops.nanotrain.triton_muon.default, (G, 2),
                           test_utils=("test_schema", "test_faketensor"))
     state = make_state(1, 16, 24, device=G.device)
-    torch.library.opcheck(torch.ops.nanotrain_triton.muon_update.default, (*state, 0.9, 0.01, 0.1, 0.9, 2),
+    torch.library.opcheck(torch.ops.nanotrain.triton_muon_update.default, (*state, 0.9, 0.01, 0.1, 0.9, 2),
                           test_utils=("test_schema", "test_faketensor"))
 
 
