@@ -106,6 +106,8 @@ class TrainConfig:
     kernels: str | None = option(
         None, "force op backends, e.g. attention=triton,muon=reference; alone: print the backend table", FREE,
         "backends compute the same ops within the bounds of DESIGN.md")
+    check: bool = option(False, "with --kernels alone: also run every fused backend's self-check here and print the "
+                         "table", FREE, "a one-off report, not part of training")
     seed: int = option(42, "random seed of the weights init", FREE,
                        "the weights and RNG states come from the checkpoint")
     keep_last: int = option(-1, "keep only the newest N checkpoints (-1 = keep all)", FREE, "output housekeeping")
@@ -141,6 +143,9 @@ def validate(c: TrainConfig) -> None:
     """Check every option on its own; checks that need the world size or the data run later."""
     if c.device_type not in ("auto", "", "cuda", "cpu", "mps"):
         _fail("device_type", f"is '{c.device_type}'", "use cuda, cpu or mps (or leave it out to autodetect)")
+    if c.check and c.kernels != "list":
+        raise UserError("--check runs the kernel self-checks and goes with --kernels alone: "
+                        "run `nanotrain --kernels --check`.")
     if c.fp8_recipe not in ("tensorwise", "rowwise"):
         _fail("fp8_recipe", f"is '{c.fp8_recipe}'", "use tensorwise or rowwise")
     for name in ("depth", "aspect_ratio", "head_dim", "device_batch_size"):
@@ -230,22 +235,12 @@ def build_parser() -> argparse.ArgumentParser:
         else:
             kind = {"target_flops": float}.get(f.name) or (type(default) if default is not None else str)
             p.add_argument(flag, type=kind, default=default, help=help)
-    p.add_argument("--check", action="store_true",
-                   help="with --kernels alone: also run every fused backend's self-check here and print the table")
     return p
 
 
 def parse_args(argv: list[str] | None = None) -> TrainConfig:
-    """Parse the command line into a validated TrainConfig (UserError on a bad value).
-
-    `--kernels --check` becomes kernels="check" (print the table and run the self-checks)."""
-    ns = vars(build_parser().parse_args(argv))
-    if ns.pop("check"):
-        if ns["kernels"] != "list":
-            raise UserError("--check runs the kernel self-checks and goes with --kernels alone: "
-                            "run `nanotrain --kernels --check`.")
-        ns["kernels"] = "check"
-    return TrainConfig(**ns)
+    """Parse the command line into a validated TrainConfig (UserError on a bad value)."""
+    return TrainConfig(**vars(build_parser().parse_args(argv)))
 
 
 def resume_rules() -> dict[str, tuple[str, str]]:

@@ -628,8 +628,8 @@ def report_kernels(mon: Monitor, rt: Runtime, model_config, fp8: bool) -> None:
 def main(argv: list[str] | None = None) -> int:
     try:
         cfg = parse_args(argv)
-        if cfg.kernels in ("list", "check"):
-            return 0 if print_kernel_table(check=cfg.kernels == "check") else 1
+        if cfg.kernels == "list":
+            return 0 if print_kernel_table(check=cfg.check) else 1
         registry.set_overrides(cfg.kernels)
         train(cfg)
         return 0
