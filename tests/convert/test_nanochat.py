@@ -20,10 +20,10 @@ from tiny_model import save_tiny, train_tiny
 
 from nanotrain import paths
 from nanotrain.checkpoint import list_steps, load_checkpoint
-from nanotrain.eval.loading import load_model
 from nanotrain.convert import cli
 from nanotrain.convert.nanochat import nanochat_short_lookback, window_differences
 from nanotrain.data.tokenizer import SPECIAL_TOKENS, load_tokenizer
+from nanotrain.eval.loading import load_model
 from nanotrain.model import GPTConfig
 
 
