@@ -190,7 +190,6 @@ def test_triton_gemm_weight_gradient_shape_long_k():
     it in seconds): the Triton GEMM, with and without fast accumulation, matches the dequantized product and
     the unquantized fp32 product to SQNR_GEMM. (The interpreter accumulates in fp32 either way; Hopper's
     reduced-precision accumulator is checked by the `gpu` test and the PTX check below.)"""
-    from nanotrain.kernels import fp8 as kernels
 
     M, N, K = 32, 32, 65536
     dy_t, x = torch.randn(M, K), torch.randn(N, K)
