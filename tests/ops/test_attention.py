@@ -291,6 +291,123 @@ def test_decode_different_cache_lengths_per_row(tq, window):
         assert (got.double() - ref64).abs().max().item() <= 2 * base + 1e-6
 
 
+# (B, H, Hkv, D, Tq, window, cache_seqlens) for a cache of DECODE_TMAX positions: the interpreter's decode blocks
+# are BLOCK_N=16 and a split holds a multiple of 128 keys, so 320 positions allow up to 3 splits.
+DECODE_TMAX = 320
+SPLIT_CASES = [
+    pytest.param(2, 4, 2, 16, 1, None, [300, 170], id="gqa2-full-rows-differ"),
+    pytest.param(3, 2, 1, 32, 3, 40, [290, 45, 200], id="mqa-window-smaller-than-prompt-tq3"),
+    pytest.param(1, 2, 2, 16, 5, 130, [257], id="window-across-a-split-boundary"),
+    pytest.param(2, 4, 1, 16, 20, None, [320, 20], id="prefill-fills-the-cache"),
+]
+
+
+@pytest.mark.parametrize("B,H,Hkv,D,tq,window,seqlens", SPLIT_CASES)
+def test_decode_split_and_unsplit_equal_reference(B, H, Hkv, D, tq, window, seqlens, monkeypatch):
+    """Flash-decoding: the KV range split across 1, 2 or 3 programs per (query block, b, h) gives
+    reference_decode's output (GQA, a window smaller than the prompt, per-row cache lengths, NaN past them)."""
+    from nanotrain.kernels import attention as K
+
+    dtype = DTYPES[0]
+    seqlens = torch.tensor(seqlens, dtype=torch.int32, device=DEVICE)
+    k_cache, v_cache = _poisoned_cache(B, DECODE_TMAX, Hkv, D, dtype)
+    for b, n in enumerate(seqlens.tolist()):
+        k_cache[b, :n] = torch.randn(n, Hkv, D, device=DEVICE).to(dtype)
+        v_cache[b, :n] = torch.randn(n, Hkv, D, device=DEVICE).to(dtype)
+    q = torch.randn(B, tq, H, D, device=DEVICE).to(dtype)
+    kf, vf = k_cache.nan_to_num(0.0), v_cache.nan_to_num(0.0)
+    ref64 = A.reference_decode(q.double(), kf.double(), vf.double(), seqlens, window)
+    combined = []
+    combine = K.combine_decode_splits
+    monkeypatch.setattr(K, "combine_decode_splits",
+                        lambda o, lse, out: combined.append(o.shape[0]) or combine(o, lse, out))
+    block_m = max(16, min(64, 1 << (tq - 1).bit_length()))
+    span = min(K._effective_window(window, DECODE_TMAX) + block_m + K._SPLIT_ALIGN, DECODE_TMAX)
+    cap = -(-span // K._SPLIT_ALIGN)
+    for splits in (1, 2, 3):
+        got = K.attention_decode(q, k_cache, v_cache, seqlens, window, 1 / math.sqrt(D),
+                                 out=_nan_like((B, tq, H, D), dtype), num_splits=splits)
+        assert not got.isnan().any(), f"{splits} splits"
+        _check_close(f"decode, {splits} splits", got, ref64, None)
+    expected = [min(n, cap) for n in (2, 3) if min(n, cap) > 1]
+    assert len(expected) >= 1 and combined == expected, (combined, span)  # the split path really ran
+
+
+def test_decode_splits_heuristic():
+    """Split only while the grid leaves SMs idle and each split keeps enough keys."""
+    from nanotrain.kernels import attention as K
+
+    assert K.decode_splits(programs=16, key_span=8192, sm_count=132) == 9     # batch-1 sample, 16 heads
+    assert K.decode_splits(programs=16, key_span=1024, sm_count=132) == 4     # short cache: >= 256 keys each
+    assert K.decode_splits(programs=16, key_span=200, sm_count=132) == 1
+    assert K.decode_splits(programs=132, key_span=8192, sm_count=132) == 1    # the grid already fills the GPU
+
+
+def test_decode_lengths_must_fit_the_cache():
+    B, Tmax, H, D = 2, 16, 2, 16
+    k_cache = torch.zeros(B, Tmax, H, D, device=DEVICE, dtype=DTYPES[0])
+    v_cache = torch.zeros_like(k_cache)
+
+    def run(tq, lengths):
+        q = torch.randn(B, tq, H, D, device=DEVICE, dtype=DTYPES[0])
+        with registry.forced(attention_decode="triton"):
+            return A.attention_decode(q, k_cache, v_cache, torch.tensor(lengths, dtype=torch.int32, device=DEVICE))
+
+    assert run(16, [16, 16]).shape == (B, 16, H, D)  # exactly full is fine
+    with pytest.raises(ValueError, match="do not fit a KV cache of 16"):
+        run(17, [16, 16])
+    with pytest.raises(ValueError, match="cache_seqlens reaches 17"):
+        run(1, [5, 17])
+    with pytest.raises(ValueError, match="row of 2 < the 3 new queries"):
+        run(3, [2, 9])
+
+
+def test_tune_key_separates_window_kind_groups_and_grid(monkeypatch):
+    """Autotuner keys: a short-window layer never shares a tuned config with a full one of the same length,
+    nor a batch-1 grid with a training grid; every kernel's key holds the GQA group size."""
+    from nanotrain.kernels import attention as K
+
+    assert K._bucket(1025) == K._bucket(2048)  # why the window bucket alone cannot tell them apart
+    full, short = K.tune_key(2048, None, 96), K.tune_key(2048, 1025, 96)
+    assert full[1] == 0 and short[1] == 2048 and full != short
+    assert K.tune_key(2048, 2048, 96) == K.tune_key(2048, 5000, 96) == full  # window >= T is full causal
+    assert K.tune_key(2048, 1025, 96) != K.tune_key(2048, 64, 96)
+    assert K.tune_key(2048, None, 6) != K.tune_key(2048, None, 96)
+    for kind, keys in K._TUNE_KEYS.items():
+        assert {"TUNE_T", "TUNE_W", "TUNE_BH", "GROUPS", "HEAD_DIM"} <= set(keys), kind
+        assert set(keys) <= set(K._KERNELS[kind].arg_names), kind
+        assert K._tuned(kind, "sm90").keys == keys
+    # the launchers pass tune_key's values: record the forward's arguments for a full and a windowed call
+    seen = []
+    monkeypatch.setattr(K, "_launch", lambda kind, dev, rows, cols, *args, **kw: seen.append(
+        dict(zip(K._KERNELS[kind].arg_names, args))))
+    q, k, v, _ = _inputs(1, 40, 4, 2, 16, DTYPES[0])
+    K.attention_fwd(q, k, v, None, 0.25)
+    K.attention_fwd(q, k, v, 21, 0.25)
+    assert [(a["TUNE_T"], a["TUNE_W"], a["TUNE_BH"], a["GROUPS"]) for a in seen] == [(64, 0, 16, 2), (64, 32, 16, 2)]
+
+
+def test_nan_in_inputs_reaches_exactly_the_outputs_it_touches():
+    """A NaN in q or k makes NaN exactly the outputs the reference makes NaN (forward and split decode):
+    never swallowed by the running max, never spread past the window."""
+    from nanotrain.kernels import attention as K
+
+    B, T, H, Hkv, D, window = 1, 40, 2, 1, 16, 7
+    q, k, v, _ = _inputs(B, T, H, Hkv, D, DTYPES[0])
+    k[0, 10, 0, 3] = float("nan")
+    q[0, 30, 1, 0] = float("nan")
+    ref = A.reference(q, k, v, window)
+    got, lse = K.attention_fwd(q, k, v, window, 1 / math.sqrt(D))
+    assert ref.isnan().any() and torch.equal(got.isnan(), ref.isnan())
+    assert got[0, 10:17].isnan().all() and not got[0, 17:30].isnan().any()
+    k_cache, v_cache = k.contiguous(), v.contiguous()
+    seqlens = torch.full((B,), T, dtype=torch.int32, device=DEVICE)
+    for splits in (1, 2):
+        out = K.attention_decode(q[:, 25:], k_cache, v_cache, seqlens, None, 1 / math.sqrt(D), num_splits=splits)
+        ref_d = A.reference_decode(q[:, 25:], k_cache, v_cache, seqlens, None)
+        assert torch.equal(out.isnan(), ref_d.isnan()) and out.isnan().all()  # every query sees key 10
+
+
 # ----------------------------------------------------------------------------------------------------------
 # GPU: bfloat16/float16 at the model's real shapes, determinism of the backward
 # ----------------------------------------------------------------------------------------------------------
