@@ -204,8 +204,9 @@ _AOT_SCRIPT = """
 import json
 from nanotrain.kernels import attention as K
 out = []
-for cap, kind in [((9, 0), "fwd"), ((9, 0), "dkdv"), ((9, 0), "dq"), ((9, 0), "decode"), ((8, 0), "dkdv")]:
-    r = K.compile_for(kind, cap, 128, K._GPU_CONFIGS[K.gpu_generation(cap)][kind][0])
+for cap, kind, kw in [((9, 0), "fwd", {}), ((9, 0), "dkdv", {}), ((9, 0), "dq", {}), ((9, 0), "decode", {}),
+                      ((9, 0), "decode", {"split": True}), ((8, 0), "dkdv", {}), ((8, 0), "decode", {"split": True})]:
+    r = K.compile_for(kind, cap, 128, K._GPU_CONFIGS[K.gpu_generation(cap)][kind][0], **kw)
     out.append([list(cap), kind, r["shared"], "wgmma" in r["ptx"]])
 print(json.dumps(out))
 """
@@ -475,3 +476,57 @@ def test_gpu_decode_matches_full_attention(dtype, window):
         seqlens = torch.full((B,), pos, dtype=torch.int32, device="cuda")
         outs.append(K.attention_decode(q[:, pos - chunk:pos], k_cache, v_cache, seqlens, window, 1 / math.sqrt(D)))
     _check_decode(torch.cat(outs, 1), full, q, k, v, window)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("window", [None, 768])
+def test_gpu_decode_batch1_splits_the_cache_across_sms(window, monkeypatch):
+    """A batch-1 sample (16 query heads, one token against 6000 cached positions) splits its KV range so the
+    grid covers the SMs, and the split result equals the reference and the unsplit kernel."""
+    from nanotrain.kernels import attention as K
+
+    B, H, Hkv, D, Tmax, n = 1, 16, 4, 128, 8192, 6000
+    dtype = torch.bfloat16
+    k_cache = torch.randn(B, Tmax, Hkv, D, device="cuda", dtype=dtype)
+    v_cache = torch.randn(B, Tmax, Hkv, D, device="cuda", dtype=dtype)
+    q = torch.randn(B, 1, H, D, device="cuda", dtype=dtype)
+    seqlens = torch.tensor([n], dtype=torch.int32, device="cuda")
+    splits = []
+    combine = K.combine_decode_splits
+    monkeypatch.setattr(K, "combine_decode_splits",
+                        lambda o, lse, out: splits.append(o.shape[0]) or combine(o, lse, out))
+    got = K.attention_decode(q, k_cache, v_cache, seqlens, window, 1 / math.sqrt(D))
+    assert len(splits) == 1 and splits[0] > 1, splits
+    unsplit = K.attention_decode(q, k_cache, v_cache, seqlens, window, 1 / math.sqrt(D), num_splits=1)
+    ref64 = A.reference_decode(q.double(), k_cache.double(), v_cache.double(), seqlens, window)
+    base = (A.reference_decode(q, k_cache, v_cache, seqlens, window).double() - ref64).abs().max().item()
+    for out in (got, unsplit):
+        assert (out.double() - ref64).abs().max().item() <= 2 * base + 1e-6
+
+
+@pytest.mark.gpu
+def test_gpu_attention_offsets_past_2_31_elements():
+    """One sequence whose (T, H, D) slice holds more than 2^31 elements (T = 196608, H = 128, D = 128): the
+    position * stride offsets of q, k, v, out and the gradients pass int32. The forward and backward tails
+    are checked against the reference on the last 256 positions (window 128: their inputs lie inside)."""
+    from nanotrain.kernels import attention as K
+
+    B, T, H, D, W, tail = 1, 196608, 128, 128, 128, 256
+    dtype = torch.bfloat16
+    assert T * H * D > 2**31
+    try:
+        q, k, v, do = (torch.randn(B, T, H, D, device="cuda", dtype=dtype) for _ in range(4))
+        out, lse = K.attention_fwd(q, k, v, W, 1 / math.sqrt(D))
+        dq, dk, dv = K.attention_bwd(do, q, k, v, out, lse, W, 1 / math.sqrt(D))
+    except torch.OutOfMemoryError:
+        pytest.skip("not enough GPU memory for 2^31-element attention tensors")
+    qs, ks, vs = (x[:, -tail:].detach().double().requires_grad_(True) for x in (q, k, v))
+    ref = A.reference(qs, ks, vs, W)
+    ref.backward(do[:, -tail:].double())
+    inside = slice(W, None)  # queries whose window, and keys whose queries' windows, lie inside the tail
+
+    def rel(got, want):
+        return ((got[:, -tail:][:, inside].double() - want[:, inside]).norm() / want[:, inside].norm()).item()
+
+    assert rel(out, ref) < 1e-2
+    assert rel(dq, qs.grad) < 2e-2 and rel(dk, ks.grad) < 2e-2 and rel(dv, vs.grad) < 2e-2
