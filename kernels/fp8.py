@@ -274,8 +274,8 @@ def _fp8_matmul_kernel(a_ptr, b_ptr, c_ptr, sa_ptr, sb_ptr, M, N, K,
             acc = tl.dot(a, b, acc, out_dtype=tl.float32)
         else:
             acc = tl.dot(a, b, acc, max_num_imprecise_acc=BLOCK_K, out_dtype=tl.float32)
-        a_ptrs += BLOCK_K * stride_ak
-        b_ptrs += BLOCK_K * stride_bk
+        a_ptrs += tl.cast(stride_ak, tl.int64) * BLOCK_K  # int64: BLOCK_K steps of a long stride pass 2^31
+        b_ptrs += tl.cast(stride_bk, tl.int64) * BLOCK_K  # int64: BLOCK_K steps of a long stride pass 2^31
     sa = tl.load(sa_ptr + offs_m * stride_sa, mask=offs_m < M, other=1.0)
     sb = tl.load(sb_ptr + offs_n * stride_sb, mask=offs_n < N, other=1.0)
     acc = acc * (1.0 / sa)[:, None] * (1.0 / sb)[None, :]

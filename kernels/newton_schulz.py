@@ -95,8 +95,8 @@ def _sym_matmul_kernel(
         p = tl.load(p_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
         s = tl.load(s_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
         acc = tl.dot(p, s, acc, input_precision=DOT_PRECISION)
-        p_ptrs += BLOCK_K * stride_pk
-        s_ptrs += BLOCK_K * stride_sk
+        p_ptrs += tl.cast(stride_pk, tl.int64) * BLOCK_K  # int64: BLOCK_K steps of a long stride pass 2^31
+        s_ptrs += tl.cast(stride_sk, tl.int64) * BLOCK_K  # int64: BLOCK_K steps of a long stride pass 2^31
     acc = acc * alpha
     out_ok = row_ok[:, None] & col_ok[None, :]
     if HAS_Z:
@@ -154,8 +154,8 @@ def _axpby_matmul_kernel(
         bt = tl.load(b_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
         xt = tl.load(x_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
         acc = tl.dot(bt, xt, acc, input_precision=DOT_PRECISION)
-        b_ptrs += BLOCK_K * stride_bk
-        x_ptrs += BLOCK_K * stride_xm
+        b_ptrs += tl.cast(stride_bk, tl.int64) * BLOCK_K  # int64: BLOCK_K steps of a long stride pass 2^31
+        x_ptrs += tl.cast(stride_xm, tl.int64) * BLOCK_K  # int64: BLOCK_K steps of a long stride pass 2^31
     out_ok = row_ok[:, None] & col_ok[None, :]
     if ADD_X:
         x = tl.load(X_ptr + rows[:, None] * stride_xm + cols[None, :] * stride_xn, mask=out_ok, other=0.0)

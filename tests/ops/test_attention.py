@@ -17,7 +17,7 @@ import math
 
 import pytest
 import torch
-from aot_compile import compile_without_gpu
+from aot_compile import compile_without_gpu, run_interpreted
 
 from nanotrain.ops import attention as A
 from nanotrain.ops import registry
@@ -386,6 +386,40 @@ def test_tune_key_separates_window_kind_groups_and_grid(monkeypatch):
     K.attention_fwd(q, k, v, None, 0.25)
     K.attention_fwd(q, k, v, 21, 0.25)
     assert [(a["TUNE_T"], a["TUNE_W"], a["TUNE_BH"], a["GROUPS"]) for a in seen] == [(64, 0, 16, 2), (64, 32, 16, 2)]
+
+
+_OFFSETS_SCRIPT = """
+import json, math, torch
+from nanotrain.ops import attention as A
+from nanotrain.kernels import attention as K
+# q, k, v, do interleaved in one lazily allocated buffer whose positions are 2^26 elements apart: positions 32
+# and up sit past 2^31, where an int32 position * stride wraps (only the touched pages become memory)
+T, D, stride = 40, 16, 2**26
+buf = torch.empty(T * stride, dtype=torch.float32)
+q, k, v, do = (buf.as_strided((1, T, 1, D), (T * stride, stride, D, 1), i * D) for i in range(4))
+for t in (q, k, v, do):
+    t.copy_(torch.randn(1, T, 1, D))
+qc, kc, vc, doc = (t.contiguous().double().requires_grad_(True) for t in (q, k, v, do))
+res = {}
+for window in (None, 9):
+    ref = A.reference(qc, kc, vc, window)
+    gq, gk, gv = torch.autograd.grad(ref, (qc, kc, vc), doc)
+    out, lse = K.attention_fwd(q, k, v, window, 1 / math.sqrt(D))
+    dq, dk, dv = K.attention_bwd(do, q, k, v, out, lse, window, 1 / math.sqrt(D))
+    err = max((a.double() - b).abs().max().item() for a, b in [(out, ref), (dq, gq), (dk, gk), (dv, gv)])
+    seqlens = torch.tensor([T], dtype=torch.int32)
+    dec = K.attention_decode(q[:, -3:], k, v, seqlens, window, 1 / math.sqrt(D), num_splits=1)
+    err = max(err, (dec.double() - ref[:, -3:]).abs().max().item())
+    res[str(window)] = err < 1e-4
+print(json.dumps(res))
+"""
+
+
+def test_offsets_past_2_31_under_the_interpreter():
+    """q, k, v, do whose position * stride passes 2^31 (positions 2^26 elements apart): forward, backward and
+    decode read the right rows. The interpreter keeps int32 arithmetic in int32, so a wrapped offset reads
+    outside the buffer (a crash, hence the subprocess) or wrong data."""
+    assert run_interpreted(_OFFSETS_SCRIPT) == {"None": True, "9": True}
 
 
 def test_nan_in_inputs_reaches_exactly_the_outputs_it_touches():

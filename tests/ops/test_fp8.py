@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from aot_compile import compile_without_gpu
+from aot_compile import compile_without_gpu, run_interpreted
 
 from nanotrain.errors import UserError
 from nanotrain.ops import fp8, registry
@@ -202,6 +202,41 @@ def test_triton_gemm_weight_gradient_shape_long_k():
             got = fp8.scaled_mm(qa, qb.t(), sa, sb, torch.float32, use_fast_accum=fast)
         assert ((got - ref).norm() / ref.norm()).item() < 1e-5
         assert sqnr(exact, got) >= SQNR_GEMM
+
+
+_OFFSETS_SCRIPT = """
+import json, torch
+from nanotrain.ops import fp8
+from nanotrain.kernels import fp8 as kernels
+# row views 2^28 elements apart over a lazily allocated buffer (only the touched pages become memory): row 8 and
+# up sit past 2^31, where an int32 row * stride wraps and reads outside the tensor
+rows, stride, K = 12, 2**28, 64
+buf = torch.empty(rows * stride, dtype=torch.float16)
+x = buf.as_strided((rows, K), (stride, 1))
+x.copy_(torch.randn(rows, K).half())
+res = {}
+for mode in (-1, 1, 0):
+    q, scale, q_t = kernels.quantize(x, fp8.E4M3, mode, False, True, True)
+    ref_q, ref_s = fp8.quantize(x.contiguous(), fp8.E4M3, {-1: None, 1: 1, 0: 0}[mode])
+    res[f"cast {mode}"] = torch.equal(q.view(torch.uint8), ref_q.view(torch.uint8)) and torch.equal(scale, ref_s)
+abuf = torch.empty(rows * stride, dtype=torch.uint8)
+a = abuf.as_strided((rows, K), (stride, 1)).view(fp8.E4M3)
+qa, sa = fp8.quantize(torch.randn(rows, K), fp8.E4M3)
+a.copy_(qa)
+qb, sb = fp8.quantize(torch.randn(32, K), fp8.E4M3)
+out = kernels.matmul(a, qb.t(), sa, sb, torch.float32)
+ref = fp8.reference_scaled_mm(qa, qb.t(), sa, sb, torch.float32)
+res["matmul"] = ((out - ref).norm() / ref.norm()).item() < 1e-5
+print(json.dumps(res))
+"""
+
+
+def test_offsets_past_2_31_under_the_interpreter():
+    """Operands whose row * stride passes 2^31 (row views 2^28 elements apart): the casts and the GEMM read the
+    right rows. The interpreter keeps int32 arithmetic in int32, so a wrapped offset reads outside the buffer
+    (a crash, hence the subprocess) or wrong data; int64 tile offsets fix both here and on the GPU."""
+    res = run_interpreted(_OFFSETS_SCRIPT)
+    assert res == {"cast -1": True, "cast 1": True, "cast 0": True, "matmul": True}, res
 
 
 # NaN and inf must survive every amax and cast (a NaN that became +-fp8_max would hide a diverged run).

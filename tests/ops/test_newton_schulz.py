@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from aot_compile import compile_without_gpu
+from aot_compile import compile_without_gpu, run_interpreted
 
 from nanotrain.ops import newton_schulz as ns
 from nanotrain.ops import registry
@@ -231,6 +231,34 @@ def test_muon_update_nan_survives_like_the_reference(where):
     for name, t, r in zip(("params", "momentum_buffer", "second_momentum"), state[1:], ref_state[1:]):
         assert torch.equal(t.isnan(), r.isnan()), name
     assert state[1][0].isnan().any() and not state[1][1].isnan().any()  # matrix 0 diverged, matrix 1 did not
+
+
+_OFFSETS_SCRIPT = """
+import json, torch
+from nanotrain.kernels import newton_schulz as nsk
+# one (R, C) matrix whose rows are 2^26 elements apart in a lazily allocated buffer: rows 32 and up sit past
+# 2^31, where an int32 row * stride wraps (only the touched pages become memory)
+R, C, stride = 40, 24, 2**26
+buf = torch.empty(R * stride, dtype=torch.float32)
+x = buf.as_strided((1, R, C), (R * stride, stride, 1))
+x.copy_(torch.randn(1, R, C))
+xc = x.contiguous()
+f = torch.rand(1, R) + 0.5
+res = {"sumsq": torch.allclose(nsk.sumsq_rows(x, torch.float32), xc.square().sum(-1), rtol=1e-5)}
+res["scale_cast"] = torch.equal(nsk.scale_cast(x, f, torch.empty(1, R, C)), xc * f[..., None])
+sq = torch.empty(1, R, R)
+res["sym"] = torch.allclose(nsk.sym_matmul(x, x, sq), xc @ xc.mT, rtol=1e-5, atol=1e-5)
+B = torch.randn(1, R, R) / R
+y = torch.empty(1, R, C)
+res["axpby"] = torch.allclose(nsk.axpby_matmul(B, x, y, 0.5), 0.5 * xc + B @ xc, rtol=1e-5, atol=1e-5)
+print(json.dumps(res))
+"""
+
+
+def test_offsets_past_2_31_under_the_interpreter():
+    """A matrix whose row * stride passes 2^31: the row kernels and both matrix kernels read the right rows
+    (under the interpreter a wrapped int32 offset reads outside the buffer: a crash, hence the subprocess)."""
+    assert run_interpreted(_OFFSETS_SCRIPT) == {"sumsq": True, "scale_cast": True, "sym": True, "axpby": True}
 
 
 # ----------------------------------------------------------------------------- dispatch
