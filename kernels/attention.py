@@ -15,7 +15,12 @@ the window of its rows, so the work is proportional to T * window, not T^2; bloc
 the window skip the mask (only the diagonal and the window's left edge are masked). Softmax runs
 online in fp32 with exp2 (log2(e) folded into the scale). The backward is deterministic: dK/dV
 come from one program per key block that loops over the query heads of its GQA group, dQ from a
-separate kernel; no atomics.
+separate kernel; no atomics. Tile offsets are int64 at the tile's start (position * row stride passes 2^31 for
+long sequences of wide rows) and int32 inside it.
+
+Decode (Tq new queries against a KV cache) has B * H * cdiv(Tq, BLOCK_M) programs: for a batch-1 sample that
+is a few dozen on a GPU of 132 SMs, so the KV range is split across programs (flash-decoding), each writing a
+partial output and its log-sum-exp, combined after (combine_decode_splits).
 
 This module never imports nanotrain; nanotrain.ops.attention owns dispatch, checks and autograd.
 """
