@@ -7,7 +7,13 @@ Conventions (shared with nanotrain/ops/fp8.py, which owns dispatch, checks and a
   mode  = -1: one scale for the tensor; 1: one scale per row (amax over columns); 0: one per column;
           2: both at once (the row-scaled copy and the column-scaled transposed copy, for rowwise linears)
   power_of_2: the scale is rounded down to a power of two (its mantissa bits cleared)
-  out   = (a_fp8 @ b_fp8) / (scale_a * scale_b), accumulated in fp32
+  out   = (a_fp8 @ b_fp8) / (scale_a * scale_b), accumulated in fp32 (see _fp8_matmul_kernel for Hopper)
+
+NaN and inf survive: a NaN in x makes its amax, its scale and its output NaN; an inf makes the amax inf, the
+scale 0 and the inf's own output NaN (inf * 0), as the reference in nanotrain/ops/fp8.py does. A diverged run
+must show up as NaN, never as a quiet +-fp8_max. This takes care: tl.maximum/tl.minimum/tl.clamp default to
+dropping NaN (fmax semantics) on the GPU and in the interpreter, and so does the tl.max reduction, so every
+max/clamp here passes propagate_nan=ALL and the reductions go through _nan_max.
 
 The fp32 -> fp8 rounding is done explicitly on the fp32 grid of the target format before the cast
 (`_round_to_fp8_grid`), so that the final cast is exact. This costs a few integer ops in a
@@ -47,15 +53,37 @@ def _round_to_fp8_grid(v, MANT_BITS: tl.constexpr, MIN_EXP: tl.constexpr):
 
 
 @triton.jit
+def _to_fp8(v, fp8_dtype: tl.constexpr, MANT_BITS: tl.constexpr, MIN_EXP: tl.constexpr):
+    """Saturated fp32 `v` -> fp8 (round to nearest even), NaN -> NaN (byte 0x7F, a NaN in e4m3fn and e5m2).
+    The GPU's satfinite conversion keeps NaN by itself; the interpreter's conversion turns it into a number,
+    so the byte is set explicitly (one select in a memory-bound kernel)."""
+    q = _round_to_fp8_grid(v, MANT_BITS, MIN_EXP).to(fp8_dtype)
+    bits = tl.where(v != v, 0x7F, q.to(tl.uint8, bitcast=True).to(tl.int32)).to(tl.uint8)
+    return bits.to(fp8_dtype, bitcast=True)
+
+
+@triton.jit
+def _nan_max(a, axis: tl.constexpr):
+    """tl.max of `a` along `axis`, NaN where the slice holds a NaN (tl.max alone skips NaNs). The NaN count is a
+    sum reduction: the interpreter runs it natively, where a NaN-propagating combine function would run its
+    slow per-element path."""
+    m = tl.max(a, axis=axis)
+    n_nan = tl.sum((a != a).to(tl.int32), axis=axis)
+    return tl.where(n_nan > 0, float("nan"), m)
+
+
+@triton.jit
 def _fp8_amax_kernel(x_ptr, amax_ptr, amax_col_ptr, R, C, stride_xr, stride_xc,
                      MODE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
     """amax of |x| for a (R, C) tensor: MODE -1 -> amax_ptr[0], 1 -> amax_ptr[r] (per row), 0 -> amax_ptr[c],
     2 -> both per row (amax_ptr[r]) and per column (amax_col_ptr[c]) in the same pass.
 
     Each program owns BLOCK_R rows and walks all columns. Per-row maxima are stored directly; per-column
-    and whole-tensor maxima are combined across programs with atomic max (amax_ptr must start at 0).
+    and whole-tensor maxima are combined across programs with atomic max (amax_ptr must start at 0). A NaN
+    amax is a positive NaN (|x|), whose bits exceed every finite float's as integers, so the float atomic max
+    (an integer max on non-negative values, in Triton 3.6 and 3.8) keeps it.
     """
-    pid = tl.program_id(0)
+    pid = tl.program_id(0).to(tl.int64)
     offs_r = pid * BLOCK_R + tl.arange(0, BLOCK_R)
     mask_r = offs_r < R
     row_max = tl.zeros([BLOCK_R], dtype=tl.float32)
@@ -65,22 +93,26 @@ def _fp8_amax_kernel(x_ptr, amax_ptr, amax_col_ptr, R, C, stride_xr, stride_xc,
         x = tl.load(x_ptr + offs_r[:, None] * stride_xr + offs_c[None, :] * stride_xc, mask=mask, other=0.0)
         a = tl.abs(x.to(tl.float32))
         if MODE == 0:
-            tl.atomic_max(amax_ptr + offs_c, tl.max(a, axis=0), mask=offs_c < C)
+            tl.atomic_max(amax_ptr + offs_c, _nan_max(a, 0), mask=offs_c < C)
         else:
-            row_max = tl.maximum(row_max, tl.max(a, axis=1))
+            row_max = tl.maximum(row_max, _nan_max(a, 1), propagate_nan=tl.PropagateNan.ALL)
         if MODE == 2:
-            tl.atomic_max(amax_col_ptr + offs_c, tl.max(a, axis=0), mask=offs_c < C)
+            tl.atomic_max(amax_col_ptr + offs_c, _nan_max(a, 0), mask=offs_c < C)
     if MODE == 1 or MODE == 2:
         tl.store(amax_ptr + offs_r, row_max, mask=mask_r)
     if MODE == -1:
-        tl.atomic_max(amax_ptr, tl.max(row_max, axis=0))
+        tl.atomic_max(amax_ptr, _nan_max(row_max, 0))
 
 
 @triton.jit
 def _fp8_scale_from_amax(amax, FP8_MAX: tl.constexpr, EPS_: tl.constexpr, POW2: tl.constexpr):
-    scale = tl.math.div_rn(tl.full(amax.shape, FP8_MAX, tl.float32), tl.maximum(amax, EPS_))
+    """fp8_max / max(amax, eps), NaN for a NaN amax (also with POW2, where clearing the mantissa would make
+    NaN an inf)."""
+    scale = tl.math.div_rn(tl.full(amax.shape, FP8_MAX, tl.float32),
+                           tl.maximum(amax, EPS_, propagate_nan=tl.PropagateNan.ALL))
     if POW2:
-        scale = (scale.to(tl.int32, bitcast=True) & 0x7F800000).to(tl.float32, bitcast=True)
+        scale = tl.where(scale == scale, (scale.to(tl.int32, bitcast=True) & 0x7F800000).to(tl.float32, bitcast=True),
+                         scale)
     return scale
 
 
@@ -96,8 +128,8 @@ def _fp8_cast_kernel(x_ptr, amax_ptr, amax_col_ptr, out_ptr, out_t_ptr, scale_pt
     out by rows and out_t by columns (the two operands a rowwise linear needs from one tensor)."""
     pid_r = tl.program_id(0)
     pid_c = tl.program_id(1)
-    offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
-    offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    offs_r = pid_r.to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)  # int64: R * C may pass 2^31
+    offs_c = pid_c.to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)
     mask_r = offs_r < R
     mask_c = offs_c < C
     mask = mask_r[:, None] & mask_c[None, :]
@@ -127,11 +159,11 @@ def _fp8_cast_kernel(x_ptr, amax_ptr, amax_col_ptr, out_ptr, out_t_ptr, scale_pt
             tl.store(scale_ptr + offs_r, scale, mask=mask_r)
         if pid_r == 0:
             tl.store(scale_col_ptr + offs_c, scale_col, mask=mask_c)
-        v_col = tl.minimum(tl.maximum(v_col, -FP8_MAX), FP8_MAX)
-        q_col = _round_to_fp8_grid(v_col, MANT_BITS, MIN_EXP).to(out_ptr.dtype.element_ty)
+        v_col = tl.clamp(v_col, -FP8_MAX, FP8_MAX, propagate_nan=tl.PropagateNan.ALL)
+        q_col = _to_fp8(v_col, out_ptr.dtype.element_ty, MANT_BITS, MIN_EXP)
         tl.store(out_t_ptr + offs_c[None, :] * R + offs_r[:, None], q_col, mask=mask)
-    v = tl.minimum(tl.maximum(v, -FP8_MAX), FP8_MAX)
-    q = _round_to_fp8_grid(v, MANT_BITS, MIN_EXP).to(out_ptr.dtype.element_ty)
+    v = tl.clamp(v, -FP8_MAX, FP8_MAX, propagate_nan=tl.PropagateNan.ALL)
+    q = _to_fp8(v, out_ptr.dtype.element_ty, MANT_BITS, MIN_EXP)
     if WRITE_MAIN:
         tl.store(out_ptr + offs_r[:, None] * C + offs_c[None, :], q, mask=mask)
     if WRITE_T and MODE != 2:
@@ -205,12 +237,20 @@ def _launch(x, amax, amax_col, q, q_t, scale, scale_col, mode, fp8_max, power_of
 @triton.jit
 def _fp8_matmul_kernel(a_ptr, b_ptr, c_ptr, sa_ptr, sb_ptr, M, N, K,
                        stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn, stride_sa, stride_sb,
-                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                       GROUP_M: tl.constexpr):
+                       FAST_ACCUM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                       BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     """c = (a @ b) * (1 / scale_a)[:, None] * (1 / scale_b)[None, :] for fp8 a (M, K), b (K, N).
 
-    Accumulates in fp32 over K; scales are per row of a / per column of b (stride_sa / stride_sb = 1) or one
-    per tensor (stride 0). Tiles are visited in groups of GROUP_M rows so consecutive programs share b.
+    Scales are per row of a / per column of b (stride_sa / stride_sb = 1) or one per tensor (stride 0). Tiles
+    are visited in groups of GROUP_M rows so consecutive programs share b.
+
+    Accumulation: Hopper's fp8 wgmma adds its products into an accumulator of reduced precision (not a full
+    fp32 add), and Triton's default on sm90 (max_num_imprecise_acc = 2^30) lets one such accumulator run over
+    the whole K loop: with K = B*T ~ 65k (the weight-gradient GEMM) the low bits of the sum are lost. Unless
+    FAST_ACCUM, max_num_imprecise_acc=BLOCK_K makes the compiler give each K tile a fresh partial accumulator
+    and add it into the fp32 one (one fp32 add per tile of at most BLOCK_K products, as cuBLASLt does without
+    fast accumulation). FAST_ACCUM keeps the Hopper default (the forward GEMM of the recipes). Other GPUs
+    (mma.sync, sm89) accumulate in fp32 either way.
     """
     pid = tl.program_id(0)
     num_m = tl.cdiv(M, BLOCK_M)
@@ -220,8 +260,8 @@ def _fp8_matmul_kernel(a_ptr, b_ptr, c_ptr, sa_ptr, sb_ptr, M, N, K,
     size_m = tl.minimum(num_m - first_m, GROUP_M)
     pid_m = first_m + ((pid % group) % size_m)
     pid_n = (pid % group) // size_m
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)  # int64: M * K passes 2^31 at 262k x 8192
+    offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
     a_ptrs = a_ptr + offs_m[:, None] * stride_am + offs_k[None, :] * stride_ak
     b_ptrs = b_ptr + offs_k[:, None] * stride_bk + offs_n[None, :] * stride_bn
@@ -230,9 +270,12 @@ def _fp8_matmul_kernel(a_ptr, b_ptr, c_ptr, sa_ptr, sb_ptr, M, N, K,
         k_ok = (k0 + offs_k) < K
         a = tl.load(a_ptrs, mask=(offs_m[:, None] < M) & k_ok[None, :], other=0.0)
         b = tl.load(b_ptrs, mask=k_ok[:, None] & (offs_n[None, :] < N), other=0.0)
-        acc = tl.dot(a, b, acc, out_dtype=tl.float32)
-        a_ptrs += BLOCK_K * stride_ak
-        b_ptrs += BLOCK_K * stride_bk
+        if FAST_ACCUM:
+            acc = tl.dot(a, b, acc, out_dtype=tl.float32)
+        else:
+            acc = tl.dot(a, b, acc, max_num_imprecise_acc=BLOCK_K, out_dtype=tl.float32)
+        a_ptrs += tl.cast(stride_ak, tl.int64) * BLOCK_K  # int64: BLOCK_K steps of a long stride pass 2^31
+        b_ptrs += tl.cast(stride_bk, tl.int64) * BLOCK_K  # int64: BLOCK_K steps of a long stride pass 2^31
     sa = tl.load(sa_ptr + offs_m * stride_sa, mask=offs_m < M, other=1.0)
     sb = tl.load(sb_ptr + offs_n * stride_sb, mask=offs_n < N, other=1.0)
     acc = acc * (1.0 / sa)[:, None] * (1.0 / sb)[None, :]
@@ -259,22 +302,29 @@ _GPU_CONFIGS_SM89 = _configs([
 ])
 
 
-def gpu_configs(capability: tuple[int, int]) -> list[triton.Config]:
-    """The FP8 GEMM's autotune configs for a GPU of `capability` (sm89 or newer)."""
-    return _GPU_CONFIGS if tuple(capability) >= (9, 0) else _GPU_CONFIGS_SM89
+def gpu_configs(capability: tuple[int, int], fast_accum: bool = True) -> list[triton.Config]:
+    """The FP8 GEMM's autotune configs for a GPU of `capability` (sm89 or newer). On Hopper without fast
+    accumulation the per-tile partial accumulator doubles the accumulator registers: the 128x256 and 256x128
+    tiles then spill (ptxas, sm_90a: 255 registers, 56-176 bytes each way), so they are left out."""
+    if tuple(capability) < (9, 0):
+        return _GPU_CONFIGS_SM89
+    if fast_accum:
+        return _GPU_CONFIGS
+    return [c for c in _GPU_CONFIGS if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 128 * 128]
 
 
 @functools.lru_cache(maxsize=None)
-def _fp8_matmul_tuned(hopper: bool):
-    return triton.autotune(configs=gpu_configs((9, 0) if hopper else (8, 9)),
+def _fp8_matmul_tuned(hopper: bool, fast_accum: bool):
+    return triton.autotune(configs=gpu_configs((9, 0) if hopper else (8, 9), fast_accum),
                            key=["M", "N", "K", "stride_sa", "stride_sb"])(_fp8_matmul_kernel)
 
 
 def matmul(a: torch.Tensor, b: torch.Tensor, scale_a: torch.Tensor, scale_b: torch.Tensor,
-           out_dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
+           out_dtype: torch.dtype, out: torch.Tensor | None = None, use_fast_accum: bool = False) -> torch.Tensor:
     """Launch the FP8 GEMM: a (M, K) fp8, b (K, N) fp8 (any strides), scale_a () or (M, 1), scale_b () or
     (1, N) float32 -> (M, N) in out_dtype (into `out` when given). Autotuned on a GPU, one small tile
-    under the interpreter."""
+    under the interpreter. use_fast_accum: Hopper's reduced-precision accumulation over all of K (faster);
+    False adds each K tile into an fp32 accumulator (see _fp8_matmul_kernel)."""
     M, K = a.shape
     N = b.shape[1]
     assert b.shape[0] == K, f"fp8 matmul: a {tuple(a.shape)} and b {tuple(b.shape)} do not chain"
@@ -290,11 +340,14 @@ def matmul(a: torch.Tensor, b: torch.Tensor, scale_a: torch.Tensor, scale_b: tor
     if a.is_cuda:
         def grid(meta):
             return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
-        _fp8_matmul_tuned(torch.cuda.get_device_capability(a.device) >= (9, 0))[grid](*args)
+        hopper = torch.cuda.get_device_capability(a.device) >= (9, 0)
+        _fp8_matmul_tuned(hopper, bool(use_fast_accum))[grid](*args, FAST_ACCUM=bool(use_fast_accum))
     else:
-        bm, bn, bk = 16, 16, 32
+        # the interpreter's cost is per loop iteration, not per element: long-K GEMMs (weight gradients, K = B*T)
+        # take wide K tiles so that a K = 65536 test runs in seconds
+        bm, bn, bk = 16, 16, (32 if K <= 1024 else 2048)
         _fp8_matmul_kernel[(triton.cdiv(M, bm) * triton.cdiv(N, bn),)](
-            *args, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=4)
+            *args, FAST_ACCUM=bool(use_fast_accum), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=4)
     return out
 
 
@@ -312,12 +365,13 @@ CAST_WRITES = {-1: (True, True), 1: (True, False), 0: (False, True), 2: (True, T
 
 def compile_for(kernel: str, capability: tuple[int, int], config: triton.Config | None = None, mode: int = -1,
                 x_dtype: str = "bf16", fp8: str = "e4m3", b_fp8: str = "e4m3", rowwise: bool = False,
-                out_dtype: str = "bf16", shape: tuple[int, int] = (8192, 768)) -> dict:
+                out_dtype: str = "bf16", shape: tuple[int, int] = (8192, 768), fast_accum: bool = False) -> dict:
     """Compile one FP8 kernel for compute capability `capability` without a GPU.
 
     kernel "amax" / "cast": the launch `_launch` makes for an x of `shape` in `x_dtype` ("bf16"/"fp32"), cast
     `mode` (-1 tensor, 1 rows, 0 columns, 2 both) into `fp8` ("e4m3"/"e5m2"). kernel "matmul": one of
-    gpu_configs(capability), a (`fp8`) x b (`b_fp8`) -> `out_dtype`, tensorwise or `rowwise` scales (needs sm89+).
+    gpu_configs(capability), a (`fp8`) x b (`b_fp8`) -> `out_dtype`, tensorwise or `rowwise` scales (needs sm89+),
+    with Hopper's fast accumulation when `fast_accum`.
     Returns compile_kernel's dict (shared bytes, regs, spills, cubin, ptx).
     """
     from ._compile import compile_kernel
@@ -345,5 +399,5 @@ def compile_for(kernel: str, capability: tuple[int, int], config: triton.Config 
     stride_s = 1 if rowwise else 0
     args = dict(a_ptr=f"*{TRITON_FP8[fp8]}", b_ptr=f"*{TRITON_FP8[b_fp8]}", c_ptr=f"*{out_dtype}", sa_ptr="*fp32",
                 sb_ptr="*fp32", M=M, N=N, K=K, stride_am=K, stride_ak=1, stride_bk=1, stride_bn=K, stride_cm=N,
-                stride_cn=1, stride_sa=stride_s, stride_sb=stride_s, **config.kwargs)
+                stride_cn=1, stride_sa=stride_s, stride_sb=stride_s, FAST_ACCUM=fast_accum, **config.kwargs)
     return compile_kernel(_fp8_matmul_kernel, capability, args, config.num_warps, config.num_stages)

@@ -15,6 +15,12 @@ Kernels:
   `_normuon_scale_kernel`, `_muon_apply_kernel`: the Muon step around the orthogonalization
   (see nanotrain/ops/newton_schulz.py, muon_update_reference, for the math they implement).
 
+NaN survives: every floor (tl.maximum(x, eps)) passes propagate_nan=ALL, because tl.maximum drops NaN by
+default on the GPU (and in the interpreter), which would turn a NaN second moment or norm into a finite
+1/eps factor, a huge but finite update instead of the NaN the reference gives.
+
+Row and tile offsets are int64 (the program's first row cast before it is multiplied by a stride).
+
 This module never imports nanotrain; the host-side logic (the iteration, dispatch, checks) lives in
 nanotrain/ops/newton_schulz.py.
 """
@@ -76,8 +82,8 @@ def _sym_matmul_kernel(
     S_ptr += b * stride_sb
     C_ptr += b * stride_cb
 
-    rows = ti * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = tj * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows = ti.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)  # int64: row * stride may pass 2^31
+    cols = tj.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     ks = tl.arange(0, BLOCK_K)
     row_ok = rows < M
     col_ok = cols < M
@@ -89,8 +95,8 @@ def _sym_matmul_kernel(
         p = tl.load(p_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
         s = tl.load(s_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
         acc = tl.dot(p, s, acc, input_precision=DOT_PRECISION)
-        p_ptrs += BLOCK_K * stride_pk
-        s_ptrs += BLOCK_K * stride_sk
+        p_ptrs += tl.cast(stride_pk, tl.int64) * BLOCK_K  # int64: BLOCK_K steps of a long stride pass 2^31
+        s_ptrs += tl.cast(stride_sk, tl.int64) * BLOCK_K  # int64: BLOCK_K steps of a long stride pass 2^31
     acc = acc * alpha
     out_ok = row_ok[:, None] & col_ok[None, :]
     if HAS_Z:
@@ -135,8 +141,8 @@ def _axpby_matmul_kernel(
     X_ptr += b * stride_xb
     Y_ptr += b * stride_yb
 
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)  # int64: row * stride may pass 2^31
+    cols = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     ks = tl.arange(0, BLOCK_K)
     row_ok = rows < M
     col_ok = cols < N
@@ -148,8 +154,8 @@ def _axpby_matmul_kernel(
         bt = tl.load(b_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
         xt = tl.load(x_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
         acc = tl.dot(bt, xt, acc, input_precision=DOT_PRECISION)
-        b_ptrs += BLOCK_K * stride_bk
-        x_ptrs += BLOCK_K * stride_xm
+        b_ptrs += tl.cast(stride_bk, tl.int64) * BLOCK_K  # int64: BLOCK_K steps of a long stride pass 2^31
+        x_ptrs += tl.cast(stride_xm, tl.int64) * BLOCK_K  # int64: BLOCK_K steps of a long stride pass 2^31
     out_ok = row_ok[:, None] & col_ok[None, :]
     if ADD_X:
         x = tl.load(X_ptr + rows[:, None] * stride_xm + cols[None, :] * stride_xn, mask=out_ok, other=0.0)
@@ -270,7 +276,7 @@ def _muon_momentum_kernel(
     Grid: (cdiv(R, BLOCK_R), batch).
     """
     b = tl.program_id(1).to(tl.int64)
-    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     row_ok = rows < R
     G_ptr += b * stride_gb
     MB_ptr += b * stride_mb
@@ -312,13 +318,13 @@ def _muon_eq_scale_kernel(RSQ_ptr, F_ptr, R, norm_safety, BLOCK: tl.constexpr):
     for r0 in range(0, R, BLOCK):
         r = r0 + tl.arange(0, BLOCK)
         rsq = tl.load(RSQ_ptr + r, mask=r < R, other=0.0)
-        s = target / tl.maximum(tl.sqrt(rsq), 1e-6)
+        s = target / tl.maximum(tl.sqrt(rsq), 1e-6, propagate_nan=tl.PropagateNan.ALL)
         eq += rsq * s * s
     inv = 1.0 / (tl.sqrt(tl.sum(eq, axis=0)) * norm_safety + 1e-6)
     for r0 in range(0, R, BLOCK):
         r = r0 + tl.arange(0, BLOCK)
         rsq = tl.load(RSQ_ptr + r, mask=r < R, other=1.0)
-        s = target / tl.maximum(tl.sqrt(rsq), 1e-6)
+        s = target / tl.maximum(tl.sqrt(rsq), 1e-6, propagate_nan=tl.PropagateNan.ALL)
         tl.store(F_ptr + r, s * inv, mask=r < R)
 
 
@@ -337,7 +343,7 @@ def _scale_cast_kernel(
     Grid: (cdiv(R, BLOCK_R), batch).
     """
     b = tl.program_id(1).to(tl.int64)
-    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     row_ok = rows < R
     f = tl.load(F_ptr + b * stride_fb + rows * stride_fr, mask=row_ok, other=0.0).to(tl.float32)
     for c0 in range(0, C, BLOCK_C):
@@ -361,7 +367,7 @@ def _sumsq_rows_kernel(
     """OUT[b, r] = sum_c x[b, r, c]^2 (float32), x first rounded to ROUND_TO (the dtype the reference
     squares in). Column sums: pass the transposed view's strides. Grid: (cdiv(R, BLOCK_R), batch)."""
     b = tl.program_id(1).to(tl.int64)
-    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     row_ok = rows < R
     acc = tl.zeros((BLOCK_R,), dtype=tl.float32)
     for c0 in range(0, C, BLOCK_C):
@@ -398,7 +404,7 @@ def _normuon_scale_kernel(
         idx = l0 + tl.arange(0, BLOCK)
         tot += tl.load(Q_ptr + idx, mask=idx < L, other=0.0)
     qsum = tl.sum(tot, axis=0)
-    s = target_norm / tl.maximum(tl.sqrt(qsum), 1e-6)
+    s = target_norm / tl.maximum(tl.sqrt(qsum), 1e-6, propagate_nan=tl.PropagateNan.ALL)
     v_norm = tl.sqrt(qsum * s * s)
     acc = tl.zeros((BLOCK,), dtype=tl.float32)
     for l0 in range(0, L, BLOCK):
@@ -409,14 +415,14 @@ def _normuon_scale_kernel(
         sm = tl.load(sm_ptrs, mask=ok, other=1.0).to(tl.float32)
         sm = _lerp(sm, v.to(SM_ptr.dtype.element_ty).to(tl.float32), 1.0 - beta2).to(SM_ptr.dtype.element_ty)
         tl.store(sm_ptrs, sm, mask=ok)
-        step = 1.0 / tl.sqrt(tl.maximum(sm.to(tl.float32), 1e-10))
+        step = 1.0 / tl.sqrt(tl.maximum(sm.to(tl.float32), 1e-10, propagate_nan=tl.PropagateNan.ALL))
         acc += tl.where(ok, v * red_size * step * step, 0.0)
-    ratio = v_norm / tl.maximum(tl.sqrt(tl.sum(acc, axis=0)), 1e-10)
+    ratio = v_norm / tl.maximum(tl.sqrt(tl.sum(acc, axis=0)), 1e-10, propagate_nan=tl.PropagateNan.ALL)
     for l0 in range(0, L, BLOCK):
         idx = l0 + tl.arange(0, BLOCK)
         ok = idx < L
         sm = tl.load(SM_ptr + idx * stride_sml, mask=ok, other=1.0).to(tl.float32)
-        step = 1.0 / tl.sqrt(tl.maximum(sm, 1e-10))
+        step = 1.0 / tl.sqrt(tl.maximum(sm, 1e-10, propagate_nan=tl.PropagateNan.ALL))
         tl.store(F_ptr + idx, s * step * ratio, mask=ok)
 
 
@@ -437,7 +443,7 @@ def _muon_apply_kernel(
     p <- p - (lr u + lr wd p [u p >= 0]). Grid: (cdiv(R, BLOCK_R), batch).
     """
     b = tl.program_id(1).to(tl.int64)
-    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     row_ok = rows < R
     for c0 in range(0, C, BLOCK_C):
         cols = c0 + tl.arange(0, BLOCK_C)

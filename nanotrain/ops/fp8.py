@@ -100,10 +100,11 @@ def _fp8_max(dtype: torch.dtype) -> float:
 
 
 def scale_from_amax(amax: Tensor, fp8_dtype: torch.dtype, power_of_2: bool = False) -> Tensor:
-    """fp8_max / max(amax, EPS) in float32 (optionally rounded down to a power of two)."""
+    """fp8_max / max(amax, EPS) in float32 (optionally rounded down to a power of two); NaN for a NaN amax."""
     scale = (_fp8_max(fp8_dtype) / amax.double().clamp(min=EPS)).float()
     if power_of_2:  # clear the mantissa bits: 2^floor(log2(scale)), exactly, for any positive normal scale
-        scale = (scale.view(torch.int32) & 0x7F800000).view(torch.float32)
+        # (not of a NaN, which would become inf and hide the NaN)
+        scale = torch.where(scale.isnan(), scale, (scale.view(torch.int32) & 0x7F800000).view(torch.float32))
     return scale
 
 
@@ -228,10 +229,11 @@ def cublas_scaled_mm(a: Tensor, b: Tensor, scale_a: Tensor, scale_b: Tensor, out
 
 def triton_scaled_mm(a: Tensor, b: Tensor, scale_a: Tensor, scale_b: Tensor, out_dtype: torch.dtype,
                      use_fast_accum: bool = False) -> Tensor:
-    """The Triton FP8 GEMM (kernels/fp8.py), fp32 accumulation, scales applied in the epilogue."""
+    """The Triton FP8 GEMM (kernels/fp8.py), scales applied in the epilogue; use_fast_accum lets Hopper
+    accumulate over all of K in its reduced-precision fp8 accumulator, else each K tile is added in fp32."""
     from nanotrain.kernels import fp8 as kernels
 
-    return kernels.matmul(a, b, scale_a, scale_b, out_dtype)
+    return kernels.matmul(a, b, scale_a, scale_b, out_dtype, use_fast_accum=use_fast_accum)
 
 
 def _check_scaled_mm(device: torch.device, dtype: torch.dtype, rowwise: bool = False, aligned: bool = True,

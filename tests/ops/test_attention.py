@@ -17,7 +17,7 @@ import math
 
 import pytest
 import torch
-from aot_compile import compile_without_gpu
+from aot_compile import compile_without_gpu, run_interpreted
 
 from nanotrain.ops import attention as A
 from nanotrain.ops import registry
@@ -204,8 +204,9 @@ _AOT_SCRIPT = """
 import json
 from nanotrain.kernels import attention as K
 out = []
-for cap, kind in [((9, 0), "fwd"), ((9, 0), "dkdv"), ((9, 0), "dq"), ((9, 0), "decode"), ((8, 0), "dkdv")]:
-    r = K.compile_for(kind, cap, 128, K._GPU_CONFIGS[K.gpu_generation(cap)][kind][0])
+for cap, kind, kw in [((9, 0), "fwd", {}), ((9, 0), "dkdv", {}), ((9, 0), "dq", {}), ((9, 0), "decode", {}),
+                      ((9, 0), "decode", {"split": True}), ((8, 0), "dkdv", {}), ((8, 0), "decode", {"split": True})]:
+    r = K.compile_for(kind, cap, 128, K._GPU_CONFIGS[K.gpu_generation(cap)][kind][0], **kw)
     out.append([list(cap), kind, r["shared"], "wgmma" in r["ptx"]])
 print(json.dumps(out))
 """
@@ -291,6 +292,157 @@ def test_decode_different_cache_lengths_per_row(tq, window):
         assert (got.double() - ref64).abs().max().item() <= 2 * base + 1e-6
 
 
+# (B, H, Hkv, D, Tq, window, cache_seqlens) for a cache of DECODE_TMAX positions: the interpreter's decode blocks
+# are BLOCK_N=16 and a split holds a multiple of 128 keys, so 320 positions allow up to 3 splits.
+DECODE_TMAX = 320
+SPLIT_CASES = [
+    pytest.param(2, 4, 2, 16, 1, None, [300, 170], id="gqa2-full-rows-differ"),
+    pytest.param(3, 2, 1, 32, 3, 40, [290, 45, 200], id="mqa-window-smaller-than-prompt-tq3"),
+    pytest.param(1, 2, 2, 16, 5, 130, [257], id="window-across-a-split-boundary"),
+    pytest.param(2, 4, 1, 16, 20, None, [320, 20], id="prefill-fills-the-cache"),
+]
+
+
+@pytest.mark.parametrize("B,H,Hkv,D,tq,window,seqlens", SPLIT_CASES)
+def test_decode_split_and_unsplit_equal_reference(B, H, Hkv, D, tq, window, seqlens, monkeypatch):
+    """Flash-decoding: the KV range split across 1, 2 or 3 programs per (query block, b, h) gives
+    reference_decode's output (GQA, a window smaller than the prompt, per-row cache lengths, NaN past them)."""
+    from nanotrain.kernels import attention as K
+
+    dtype = DTYPES[0]
+    seqlens = torch.tensor(seqlens, dtype=torch.int32, device=DEVICE)
+    k_cache, v_cache = _poisoned_cache(B, DECODE_TMAX, Hkv, D, dtype)
+    for b, n in enumerate(seqlens.tolist()):
+        k_cache[b, :n] = torch.randn(n, Hkv, D, device=DEVICE).to(dtype)
+        v_cache[b, :n] = torch.randn(n, Hkv, D, device=DEVICE).to(dtype)
+    q = torch.randn(B, tq, H, D, device=DEVICE).to(dtype)
+    kf, vf = k_cache.nan_to_num(0.0), v_cache.nan_to_num(0.0)
+    ref64 = A.reference_decode(q.double(), kf.double(), vf.double(), seqlens, window)
+    combined = []
+    combine = K.combine_decode_splits
+    monkeypatch.setattr(K, "combine_decode_splits",
+                        lambda o, lse, out: combined.append(o.shape[0]) or combine(o, lse, out))
+    block_m = max(16, min(64, 1 << (tq - 1).bit_length()))
+    span = min(K._effective_window(window, DECODE_TMAX) + block_m + K._SPLIT_ALIGN, DECODE_TMAX)
+    cap = -(-span // K._SPLIT_ALIGN)
+    for splits in (1, 2, 3):
+        got = K.attention_decode(q, k_cache, v_cache, seqlens, window, 1 / math.sqrt(D),
+                                 out=_nan_like((B, tq, H, D), dtype), num_splits=splits)
+        assert not got.isnan().any(), f"{splits} splits"
+        _check_close(f"decode, {splits} splits", got, ref64, None)
+    expected = [min(n, cap) for n in (2, 3) if min(n, cap) > 1]
+    assert len(expected) >= 1 and combined == expected, (combined, span)  # the split path really ran
+
+
+def test_decode_splits_heuristic():
+    """Split only while the grid leaves SMs idle and each split keeps enough keys."""
+    from nanotrain.kernels import attention as K
+
+    assert K.decode_splits(programs=16, key_span=8192, sm_count=132) == 9     # batch-1 sample, 16 heads
+    assert K.decode_splits(programs=16, key_span=1024, sm_count=132) == 4     # short cache: >= 256 keys each
+    assert K.decode_splits(programs=16, key_span=200, sm_count=132) == 1
+    assert K.decode_splits(programs=132, key_span=8192, sm_count=132) == 1    # the grid already fills the GPU
+
+
+def test_decode_lengths_must_fit_the_cache():
+    B, Tmax, H, D = 2, 16, 2, 16
+    k_cache = torch.zeros(B, Tmax, H, D, device=DEVICE, dtype=DTYPES[0])
+    v_cache = torch.zeros_like(k_cache)
+
+    def run(tq, lengths):
+        q = torch.randn(B, tq, H, D, device=DEVICE, dtype=DTYPES[0])
+        with registry.forced(attention_decode="triton"):
+            return A.attention_decode(q, k_cache, v_cache, torch.tensor(lengths, dtype=torch.int32, device=DEVICE))
+
+    assert run(16, [16, 16]).shape == (B, 16, H, D)  # exactly full is fine
+    with pytest.raises(ValueError, match="do not fit a KV cache of 16"):
+        run(17, [16, 16])
+    with pytest.raises(ValueError, match="cache_seqlens reaches 17"):
+        run(1, [5, 17])
+    with pytest.raises(ValueError, match="row of 2 < the 3 new queries"):
+        run(3, [2, 9])
+
+
+def test_tune_key_separates_window_kind_groups_and_grid(monkeypatch):
+    """Autotuner keys: a short-window layer never shares a tuned config with a full one of the same length,
+    nor a batch-1 grid with a training grid; every kernel's key holds the GQA group size."""
+    from nanotrain.kernels import attention as K
+
+    assert K._bucket(1025) == K._bucket(2048)  # why the window bucket alone cannot tell them apart
+    full, short = K.tune_key(2048, None, 96), K.tune_key(2048, 1025, 96)
+    assert full[1] == 0 and short[1] == 2048 and full != short
+    assert K.tune_key(2048, 2048, 96) == K.tune_key(2048, 5000, 96) == full  # window >= T is full causal
+    assert K.tune_key(2048, 1025, 96) != K.tune_key(2048, 64, 96)
+    assert K.tune_key(2048, None, 6) != K.tune_key(2048, None, 96)
+    for kind, keys in K._TUNE_KEYS.items():
+        assert {"TUNE_T", "TUNE_W", "TUNE_BH", "GROUPS", "HEAD_DIM"} <= set(keys), kind
+        assert set(keys) <= set(K._KERNELS[kind].arg_names), kind
+        assert K._tuned(kind, "sm90").keys == keys
+    # the launchers pass tune_key's values: record the forward's arguments for a full and a windowed call
+    seen = []
+    monkeypatch.setattr(K, "_launch", lambda kind, dev, rows, cols, *args, **kw: seen.append(
+        dict(zip(K._KERNELS[kind].arg_names, args))))
+    q, k, v, _ = _inputs(1, 40, 4, 2, 16, DTYPES[0])
+    K.attention_fwd(q, k, v, None, 0.25)
+    K.attention_fwd(q, k, v, 21, 0.25)
+    assert [(a["TUNE_T"], a["TUNE_W"], a["TUNE_BH"], a["GROUPS"]) for a in seen] == [(64, 0, 16, 2), (64, 32, 16, 2)]
+
+
+_OFFSETS_SCRIPT = """
+import json, math, torch
+from nanotrain.ops import attention as A
+from nanotrain.kernels import attention as K
+# q, k, v, do interleaved in one lazily allocated buffer whose positions are 2^26 elements apart: positions 32
+# and up sit past 2^31, where an int32 position * stride wraps (only the touched pages become memory)
+T, D, stride = 40, 16, 2**26
+buf = torch.empty(T * stride, dtype=torch.float32)
+q, k, v, do = (buf.as_strided((1, T, 1, D), (T * stride, stride, D, 1), i * D) for i in range(4))
+for t in (q, k, v, do):
+    t.copy_(torch.randn(1, T, 1, D))
+qc, kc, vc, doc = (t.contiguous().double().requires_grad_(True) for t in (q, k, v, do))
+res = {}
+for window in (None, 9):
+    ref = A.reference(qc, kc, vc, window)
+    gq, gk, gv = torch.autograd.grad(ref, (qc, kc, vc), doc)
+    out, lse = K.attention_fwd(q, k, v, window, 1 / math.sqrt(D))
+    dq, dk, dv = K.attention_bwd(do, q, k, v, out, lse, window, 1 / math.sqrt(D))
+    err = max((a.double() - b).abs().max().item() for a, b in [(out, ref), (dq, gq), (dk, gk), (dv, gv)])
+    seqlens = torch.tensor([T], dtype=torch.int32)
+    dec = K.attention_decode(q[:, -3:], k, v, seqlens, window, 1 / math.sqrt(D), num_splits=1)
+    err = max(err, (dec.double() - ref[:, -3:]).abs().max().item())
+    res[str(window)] = err < 1e-4
+print(json.dumps(res))
+"""
+
+
+def test_offsets_past_2_31_under_the_interpreter():
+    """q, k, v, do whose position * stride passes 2^31 (positions 2^26 elements apart): forward, backward and
+    decode read the right rows. The interpreter keeps int32 arithmetic in int32, so a wrapped offset reads
+    outside the buffer (a crash, hence the subprocess) or wrong data."""
+    assert run_interpreted(_OFFSETS_SCRIPT) == {"None": True, "9": True}
+
+
+def test_nan_in_inputs_reaches_exactly_the_outputs_it_touches():
+    """A NaN in q or k makes NaN exactly the outputs the reference makes NaN (forward and split decode):
+    never swallowed by the running max, never spread past the window."""
+    from nanotrain.kernels import attention as K
+
+    B, T, H, Hkv, D, window = 1, 40, 2, 1, 16, 7
+    q, k, v, _ = _inputs(B, T, H, Hkv, D, DTYPES[0])
+    k[0, 10, 0, 3] = float("nan")
+    q[0, 30, 1, 0] = float("nan")
+    ref = A.reference(q, k, v, window)
+    got, lse = K.attention_fwd(q, k, v, window, 1 / math.sqrt(D))
+    assert ref.isnan().any() and torch.equal(got.isnan(), ref.isnan())
+    assert got[0, 10:17].isnan().all() and not got[0, 17:30].isnan().any()
+    k_cache, v_cache = k.contiguous(), v.contiguous()
+    seqlens = torch.full((B,), T, dtype=torch.int32, device=DEVICE)
+    for splits in (1, 2):
+        out = K.attention_decode(q[:, 25:], k_cache, v_cache, seqlens, None, 1 / math.sqrt(D), num_splits=splits)
+        ref_d = A.reference_decode(q[:, 25:], k_cache, v_cache, seqlens, None)
+        assert torch.equal(out.isnan(), ref_d.isnan()) and out.isnan().all()  # every query sees key 10
+
+
 # ----------------------------------------------------------------------------------------------------------
 # GPU: bfloat16/float16 at the model's real shapes, determinism of the backward
 # ----------------------------------------------------------------------------------------------------------
@@ -358,3 +510,57 @@ def test_gpu_decode_matches_full_attention(dtype, window):
         seqlens = torch.full((B,), pos, dtype=torch.int32, device="cuda")
         outs.append(K.attention_decode(q[:, pos - chunk:pos], k_cache, v_cache, seqlens, window, 1 / math.sqrt(D)))
     _check_decode(torch.cat(outs, 1), full, q, k, v, window)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("window", [None, 768])
+def test_gpu_decode_batch1_splits_the_cache_across_sms(window, monkeypatch):
+    """A batch-1 sample (16 query heads, one token against 6000 cached positions) splits its KV range so the
+    grid covers the SMs, and the split result equals the reference and the unsplit kernel."""
+    from nanotrain.kernels import attention as K
+
+    B, H, Hkv, D, Tmax, n = 1, 16, 4, 128, 8192, 6000
+    dtype = torch.bfloat16
+    k_cache = torch.randn(B, Tmax, Hkv, D, device="cuda", dtype=dtype)
+    v_cache = torch.randn(B, Tmax, Hkv, D, device="cuda", dtype=dtype)
+    q = torch.randn(B, 1, H, D, device="cuda", dtype=dtype)
+    seqlens = torch.tensor([n], dtype=torch.int32, device="cuda")
+    splits = []
+    combine = K.combine_decode_splits
+    monkeypatch.setattr(K, "combine_decode_splits",
+                        lambda o, lse, out: splits.append(o.shape[0]) or combine(o, lse, out))
+    got = K.attention_decode(q, k_cache, v_cache, seqlens, window, 1 / math.sqrt(D))
+    assert len(splits) == 1 and splits[0] > 1, splits
+    unsplit = K.attention_decode(q, k_cache, v_cache, seqlens, window, 1 / math.sqrt(D), num_splits=1)
+    ref64 = A.reference_decode(q.double(), k_cache.double(), v_cache.double(), seqlens, window)
+    base = (A.reference_decode(q, k_cache, v_cache, seqlens, window).double() - ref64).abs().max().item()
+    for out in (got, unsplit):
+        assert (out.double() - ref64).abs().max().item() <= 2 * base + 1e-6
+
+
+@pytest.mark.gpu
+def test_gpu_attention_offsets_past_2_31_elements():
+    """One sequence whose (T, H, D) slice holds more than 2^31 elements (T = 196608, H = 128, D = 128): the
+    position * stride offsets of q, k, v, out and the gradients pass int32. The forward and backward tails
+    are checked against the reference on the last 256 positions (window 128: their inputs lie inside)."""
+    from nanotrain.kernels import attention as K
+
+    B, T, H, D, W, tail = 1, 196608, 128, 128, 128, 256
+    dtype = torch.bfloat16
+    assert T * H * D > 2**31
+    try:
+        q, k, v, do = (torch.randn(B, T, H, D, device="cuda", dtype=dtype) for _ in range(4))
+        out, lse = K.attention_fwd(q, k, v, W, 1 / math.sqrt(D))
+        dq, dk, dv = K.attention_bwd(do, q, k, v, out, lse, W, 1 / math.sqrt(D))
+    except torch.OutOfMemoryError:
+        pytest.skip("not enough GPU memory for 2^31-element attention tensors")
+    qs, ks, vs = (x[:, -tail:].detach().double().requires_grad_(True) for x in (q, k, v))
+    ref = A.reference(qs, ks, vs, W)
+    ref.backward(do[:, -tail:].double())
+    inside = slice(W, None)  # queries whose window, and keys whose queries' windows, lie inside the tail
+
+    def rel(got, want):
+        return ((got[:, -tail:][:, inside].double() - want[:, inside]).norm() / want[:, inside].norm()).item()
+
+    assert rel(out, ref) < 1e-2
+    assert rel(dq, qs.grad) < 2e-2 and rel(dk, ks.grad) < 2e-2 and rel(dv, vs.grad) < 2e-2

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from aot_compile import compile_without_gpu
+from aot_compile import compile_without_gpu, run_interpreted
 
 from nanotrain.errors import UserError
 from nanotrain.ops import fp8, registry
@@ -183,6 +183,128 @@ def test_triton_gemm_matches_reference(a_dtype, b_dtype, rowwise, out_dtype):
     got2 = kernels.matmul(qa2, qb2, sa2, sb2, torch.float32)
     ref2 = fp8.reference_scaled_mm(qa2, qb2, sa2, sb2, torch.float32)
     assert ((got2 - ref2).norm() / ref2.norm()).item() < 1e-5
+
+
+def test_triton_gemm_weight_gradient_shape_long_k():
+    """The weight-gradient GEMM's shape, dW = dY.T @ x with K = B*T = 65536 (small M, N so the interpreter runs
+    it in seconds): the Triton GEMM, with and without fast accumulation, matches the dequantized product and
+    the unquantized fp32 product to SQNR_GEMM. (The interpreter accumulates in fp32 either way; Hopper's
+    reduced-precision accumulator is checked by the `gpu` test and the PTX check below.)"""
+
+    M, N, K = 32, 32, 65536
+    dy_t, x = torch.randn(M, K), torch.randn(N, K)
+    qa, sa = fp8.quantize(dy_t, E4M3)
+    qb, sb = fp8.quantize(x, E4M3)  # b = qb.t(): column-major, as the recipes pass it
+    ref = fp8.reference_scaled_mm(qa, qb.t(), sa, sb, torch.float32)
+    exact = dy_t.double() @ x.double().t()
+    for fast in (False, True):
+        with registry.forced(fp8_matmul="triton"):
+            got = fp8.scaled_mm(qa, qb.t(), sa, sb, torch.float32, use_fast_accum=fast)
+        assert ((got - ref).norm() / ref.norm()).item() < 1e-5
+        assert sqnr(exact, got) >= SQNR_GEMM
+
+
+_OFFSETS_SCRIPT = """
+import json, torch
+from nanotrain.ops import fp8
+from nanotrain.kernels import fp8 as kernels
+# row views 2^28 elements apart over a lazily allocated buffer (only the touched pages become memory): row 8 and
+# up sit past 2^31, where an int32 row * stride wraps and reads outside the tensor
+rows, stride, K = 12, 2**28, 64
+buf = torch.empty(rows * stride, dtype=torch.float16)
+x = buf.as_strided((rows, K), (stride, 1))
+x.copy_(torch.randn(rows, K).half())
+res = {}
+for mode in (-1, 1, 0):
+    q, scale, q_t = kernels.quantize(x, fp8.E4M3, mode, False, True, True)
+    ref_q, ref_s = fp8.quantize(x.contiguous(), fp8.E4M3, {-1: None, 1: 1, 0: 0}[mode])
+    res[f"cast {mode}"] = torch.equal(q.view(torch.uint8), ref_q.view(torch.uint8)) and torch.equal(scale, ref_s)
+abuf = torch.empty(rows * stride, dtype=torch.uint8)
+a = abuf.as_strided((rows, K), (stride, 1)).view(fp8.E4M3)
+qa, sa = fp8.quantize(torch.randn(rows, K), fp8.E4M3)
+a.copy_(qa)
+qb, sb = fp8.quantize(torch.randn(32, K), fp8.E4M3)
+out = kernels.matmul(a, qb.t(), sa, sb, torch.float32)
+ref = fp8.reference_scaled_mm(qa, qb.t(), sa, sb, torch.float32)
+res["matmul"] = ((out - ref).norm() / ref.norm()).item() < 1e-5
+print(json.dumps(res))
+"""
+
+
+def test_offsets_past_2_31_under_the_interpreter():
+    """Operands whose row * stride passes 2^31 (row views 2^28 elements apart): the casts and the GEMM read the
+    right rows. The interpreter keeps int32 arithmetic in int32, so a wrapped offset reads outside the buffer
+    (a crash, hence the subprocess) or wrong data; int64 tile offsets fix both here and on the GPU."""
+    res = run_interpreted(_OFFSETS_SCRIPT)
+    assert res == {"cast -1": True, "cast 1": True, "cast 0": True, "matmul": True}, res
+
+
+# NaN and inf must survive every amax and cast (a NaN that became +-fp8_max would hide a diverged run).
+_BAD = {"nan": float("nan"), "inf": float("inf"), "-inf": float("-inf")}
+
+
+def _with_bad_value(bad: str) -> torch.Tensor:
+    x = torch.randn(40, 72)  # several programs of the amax and cast kernels in both dimensions
+    x[21, 45] = _BAD[bad]
+    return x
+
+
+@pytest.mark.parametrize("bad", list(_BAD))
+@pytest.mark.parametrize("dtype", [E4M3, E5M2])
+@pytest.mark.parametrize("mode", [-1, 1, 0])
+@pytest.mark.parametrize("power_of_2", [False, True])
+def test_cast_propagates_nan_and_inf(bad, dtype, mode, power_of_2):
+    """A NaN in x gives a NaN scale for its slice (amax NaN) and NaN outputs; an inf gives scale 0 and a NaN
+    output where it was (inf * 0). The Triton kernel and the reference agree, NaN for NaN."""
+    from nanotrain.kernels import fp8 as kernels
+
+    x = _with_bad_value(bad)
+    got = kernels.quantize(x, dtype, mode, power_of_2, True, True)
+    ref = fp8.reference_cast(x, dtype, mode, power_of_2, True, True)
+    for name, g, r in zip(("q", "scale", "q_t"), got, ref):
+        torch.testing.assert_close(g.float(), r.float(), rtol=0, atol=0, equal_nan=True, msg=name)
+    q, scale, q_t = got
+    assert q[21, 45].float().isnan() and q_t[45, 21].float().isnan()
+    s = scale if mode == -1 else (scale[21, 0] if mode == 1 else scale[0, 45])
+    if bad == "nan":
+        assert s.isnan()
+        n_nan = {-1: 40 * 72, 1: 72, 0: 40}[mode]  # the whole slice that shares the NaN scale
+        assert q.float().isnan().sum().item() == n_nan
+    else:
+        assert s.item() == 0.0
+    if mode != -1:  # the other slices keep finite scales and finite values
+        others = scale.reshape(-1)[torch.arange(scale.numel()) != (21 if mode == 1 else 45)]
+        assert torch.isfinite(others).all() and (others > 0).all()
+
+
+@pytest.mark.parametrize("bad", list(_BAD))
+@pytest.mark.parametrize("power_of_2", [False, True])
+def test_cast_dual_propagates_nan_and_inf(bad, power_of_2):
+    from nanotrain.kernels import fp8 as kernels
+
+    x = _with_bad_value(bad)
+    got = kernels.quantize_rows_and_cols(x, E4M3, power_of_2)
+    ref = fp8.reference_cast_dual(x, E4M3, power_of_2)
+    for g, r in zip(got, ref):
+        torch.testing.assert_close(g.float(), r.float(), rtol=0, atol=0, equal_nan=True)
+    q, s_rows, q_t, s_cols = got
+    assert q[21, 45].float().isnan() and q_t[45, 21].float().isnan()
+    if bad == "nan":
+        assert s_rows[21, 0].isnan() and s_cols[0, 45].isnan()
+        assert q[21].float().isnan().all() and q_t[45].float().isnan().all()
+    else:
+        assert s_rows[21, 0].item() == 0.0 and s_cols[0, 45].item() == 0.0
+    assert torch.isfinite(s_rows[:21]).all() and torch.isfinite(s_cols[:, :45]).all()
+
+
+def test_reference_scale_keeps_nan():
+    """The reference's clamp (torch.clamp) propagates NaN, and so does its power-of-2 rounding."""
+    amax = torch.tensor([float("nan"), 2.0, float("inf"), 0.0])
+    for p2 in (False, True):
+        s = fp8.scale_from_amax(amax, E4M3, p2)
+        assert s[0].isnan() and s[1].item() > 0 and s[2].item() == 0.0 and s[3].item() > 0
+    q, scale = fp8.quantize(torch.tensor([[1.0, float("nan")]]), E4M3)
+    assert scale.isnan() and q.float().isnan().all()
 
 
 @pytest.mark.parametrize("rowwise", [False, True])
@@ -479,6 +601,78 @@ def test_gpu_float8_linear_bf16(recipe, backend):
     assert sqnr(x.grad, gx) >= SQNR_LINEAR_GRAD and sqnr(lin.weight.grad, f8.weight.grad) >= SQNR_LINEAR_GRAD
 
 
+@pytest.mark.gpu
+def test_gpu_triton_gemm_weight_gradient_k65536_accumulates_in_fp32():
+    """dW = dY.T @ x at K = B*T = 65536 with the Triton GEMM: without fast accumulation its error against the
+    fp64 product of the same fp8 operands stays small (Hopper's fp8 accumulator, left to run over all of K,
+    would lose the low bits of the sum), and it meets SQNR_GEMM against the unquantized product. The
+    operands have a positive mean, as correlated gradients do, so the partial sums grow with K. The fast
+    path's error is printed for the record."""
+    _gpu_fp8_or_skip()
+    torch.manual_seed(0)
+    M, N, K = 1024, 1024, 65536
+    dy_t = torch.randn(M, K, device="cuda") + 0.5
+    x = torch.randn(N, K, device="cuda") + 0.5
+    qa, sa = fp8.quantize(dy_t, E4M3)
+    qb, sb = fp8.quantize(x, E4M3)
+    ref = (fp8.dequantize(qa, sa).double() @ fp8.dequantize(qb, sb).double().t())
+    errs = {}
+    for fast in (False, True):
+        with registry.forced(fp8_matmul="triton"):
+            got = fp8.scaled_mm(qa, qb.t(), sa, sb, torch.float32, use_fast_accum=fast)
+        assert not got.isnan().any()
+        errs[fast] = ((got.double() - ref).norm() / ref.norm()).item()
+    print(f"fp8 GEMM K=65536 relative error vs fp64: precise {errs[False]:.3e}, fast {errs[True]:.3e}")
+    # each K tile of <= 128 products is summed in Hopper's reduced-precision accumulator (~14 mantissa bits by
+    # DeepSeek-V3's measurement, not ours) before the fp32 add: bounded well below what one accumulator over
+    # all 65536 products loses (its ulp reaches the size of a product)
+    assert errs[False] < 1e-4, errs
+    with registry.forced(fp8_matmul="triton"):
+        got = fp8.scaled_mm(qa, qb.t(), sa, sb, torch.float32, use_fast_accum=False)
+    assert sqnr(dy_t.double() @ x.double().t(), got) >= SQNR_GEMM
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", [-1, 1, 0])
+def test_gpu_cast_propagates_nan(mode):
+    """On the GPU tl.maximum/tl.clamp without propagate_nan drop NaN (a NaN would become +-448)."""
+    _gpu_fp8_or_skip()
+    from nanotrain.kernels import fp8 as kernels
+
+    x = torch.randn(4096, 1664, device="cuda", dtype=torch.bfloat16)
+    x[2049, 1001] = float("nan")
+    q, scale, q_t = kernels.quantize(x, E4M3, mode, mode != -1, True, True)
+    s = scale if mode == -1 else (scale[2049, 0] if mode == 1 else scale[0, 1001])
+    assert s.isnan() and q[2049, 1001].float().isnan() and q_t[1001, 2049].float().isnan()
+    dual = kernels.quantize_rows_and_cols(x, E4M3, True)
+    assert dual[1][2049, 0].isnan() and dual[3][0, 1001].isnan() and dual[0][2049].float().isnan().all()
+
+
+@pytest.mark.gpu
+def test_gpu_fp8_kernels_64bit_offsets():
+    """x of 262144 x 8192 (2^31 elements): offsets past 2^31 in the cast (incl. the transposed copy) and in the
+    GEMM's operand and output addressing. Checked on slices at the far end against the reference."""
+    _gpu_fp8_or_skip()
+    from nanotrain.kernels import fp8 as kernels
+
+    try:
+        x = torch.randn(262144, 8192, device="cuda", dtype=torch.bfloat16)
+    except torch.OutOfMemoryError:
+        pytest.skip("not enough GPU memory for a 2^31-element tensor")
+    x[-1, -1] = 1000.0  # the amax lives in the last element
+    q, scale, q_t = kernels.quantize(x, E4M3, -1, False, True, True)
+    assert scale.item() == pytest.approx(448.0 / 1000.0)
+    assert q[-1, -1].float().item() == 448.0 and q_t[-1, -1].float().item() == 448.0
+    tail = x[-64:]
+    ref_q, _ = fp8.quantize(tail, E4M3)  # the same scale (its amax is the global one)
+    assert _same_bytes(q[-64:].contiguous(), ref_q) and _same_bytes(q_t[:, -64:].contiguous(), ref_q.t().contiguous())
+    del x
+    w_q = q[:256]  # (256, 8192): out = q @ w_q.T is (262144, 256); its last rows read offsets past 2^31 of q
+    out = kernels.matmul(q, w_q.t(), scale, scale, torch.float32)
+    ref = fp8.reference_scaled_mm(q[-128:], w_q.t(), scale, scale, torch.float32)
+    assert ((out[-128:] - ref).norm() / ref.norm()).item() < 1e-4
+
+
 # ----------------------------------------------------------------------------------------------------
 # Ahead-of-time compilation without a GPU (kernels/_compile.py): the compiled path's type errors, shared
 # memory over the limit and register spills, which the interpreter cannot show. The casts as the recipes
@@ -503,13 +697,39 @@ for cap in [(9, 0), (8, 0)]:
         cases.append((cap, "amax", dict(mode=mode, x_dtype=x), f"mode {mode} {x}"))
 for mode in (-1, 0, 1, 2):
     cases.append(((8, 0), "cast", dict(mode=mode, x_dtype="bf16", fp8="e5m2"), f"mode {mode} bf16->e5m2"))
-for cap in [(9, 0), (8, 9)]:
-    for cfg in K.gpu_configs(cap):
-        for a, b, rowwise, out in [("e4m3", "e4m3", True, "bf16"), ("e5m2", "e4m3", False, "fp32")]:
-            kw = dict(config=cfg, fp8=a, b_fp8=b, rowwise=rowwise, out_dtype=out)
-            cases.append((cap, "matmul", kw, f"{cfg} {a}x{b}{' rowwise' if rowwise else ''}->{out}"))
+for cap in [(9, 0), (8, 9)]:  # rowwise: fast accumulation; tensorwise backward (e5m2 dY): fp32 accumulation
+    for a, b, rowwise, out, fast in [("e4m3", "e4m3", True, "bf16", True), ("e5m2", "e4m3", False, "fp32", False)]:
+        for cfg in K.gpu_configs(cap, fast):
+            kw = dict(config=cfg, fp8=a, b_fp8=b, rowwise=rowwise, out_dtype=out, fast_accum=fast)
+            what = f"{cfg} {a}x{b}{' rowwise' if rowwise else ''}->{out}{' fast' if fast else ''}"
+            cases.append((cap, "matmul", kw, what))
 print(json.dumps(compile_cases(K.compile_for, cases)))
 """
+
+
+_ACCUM_SCRIPT = """
+import json, re
+from nanotrain.kernels import fp8 as K
+rows = []
+for fast in (False, True):
+    cfg = K.gpu_configs((9, 0), fast)[-1]
+    r = K.compile_for("matmul", (9, 0), config=cfg, fp8="e5m2", b_fp8="e4m3", out_dtype="fp32", fast_accum=fast)
+    per_thread = cfg.kwargs["BLOCK_M"] * cfg.kwargs["BLOCK_N"] // (32 * cfg.num_warps)
+    rows.append([fast, len(re.findall(r"\\badd(?:\\.rn)?\\.f32\\b", r["ptx"])), per_thread, "wgmma" in r["ptx"]])
+print(json.dumps(rows))
+"""
+
+
+@pytest.mark.slow
+def test_fp8_gemm_precise_accumulation_in_hopper_ptx():
+    """Compiled for sm_90a, the GEMM without fast accumulation adds each K tile's wgmma partial result into the
+    fp32 accumulator (at least one add.f32 per accumulator element a thread holds); with fast accumulation
+    the wgmma accumulates in place and there is no such add (Triton's sm90 default)."""
+    rows = {fast: (adds, per_thread, wgmma) for fast, adds, per_thread, wgmma in compile_without_gpu(_ACCUM_SCRIPT)}
+    adds, per_thread, wgmma = rows[False]
+    assert wgmma and adds >= per_thread, rows
+    adds, per_thread, wgmma = rows[True]
+    assert wgmma and adds == 0, rows
 
 
 @pytest.mark.slow
@@ -521,7 +741,7 @@ def test_fp8_kernels_compile_for_hopper_ada_and_ampere_without_a_gpu():
     from nanotrain.kernels._compile import shared_limit
 
     rows = compile_without_gpu(_AOT_SCRIPT)
-    n_gemm = 2 * (len(kernels.gpu_configs((9, 0))) + len(kernels.gpu_configs((8, 9))))
+    n_gemm = sum(len(kernels.gpu_configs(cap, fast)) for cap in [(9, 0), (8, 9)] for fast in (False, True))
     assert len(rows) == 2 * 6 + 2 * 5 + 4 + n_gemm, len(rows)
     for cap, kernel, what, shared, spills, wgmma in rows:
         assert isinstance(shared, int), f"{kernel} {what} does not compile for sm{cap[0]}{cap[1]}:\n{shared}"

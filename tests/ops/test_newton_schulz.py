@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from aot_compile import compile_without_gpu
+from aot_compile import compile_without_gpu, run_interpreted
 
 from nanotrain.ops import newton_schulz as ns
 from nanotrain.ops import registry
@@ -214,6 +214,53 @@ def test_muon_update_cautious_decay_and_scale():
     assert decay[~agree].abs().max().item() < 1e-7
 
 
+@pytest.mark.parametrize("where", ["second_momentum", "grads", "params"])
+def test_muon_update_nan_survives_like_the_reference(where):
+    """A NaN in the second moment (a diverged earlier step), the gradient or a parameter makes the Triton step
+    NaN exactly where the reference's is: the kernels' eps floors (tl.maximum) must not turn a NaN into 1/eps
+    and a finite, huge update."""
+    K, m, n = 2, 24, 40
+    state = make_state(K, m, n)
+    index = {"second_momentum": (3, (0, 0, 7)), "grads": (0, (0, 5, 9)), "params": (1, (0, 5, 9))}[where]
+    state[index[0]][index[1]] = float("nan")
+    ref_state = [t.clone() for t in state]
+    hp = dict(momentum=0.95, lr=0.02, weight_decay=0.2, beta2=0.9)
+    with torch.no_grad():
+        ns.muon_update_reference(*ref_state, **hp)
+    ns.muon_update_triton(*state, **hp)
+    for name, t, r in zip(("params", "momentum_buffer", "second_momentum"), state[1:], ref_state[1:]):
+        assert torch.equal(t.isnan(), r.isnan()), name
+    assert state[1][0].isnan().any() and not state[1][1].isnan().any()  # matrix 0 diverged, matrix 1 did not
+
+
+_OFFSETS_SCRIPT = """
+import json, torch
+from nanotrain.kernels import newton_schulz as nsk
+# one (R, C) matrix whose rows are 2^26 elements apart in a lazily allocated buffer: rows 32 and up sit past
+# 2^31, where an int32 row * stride wraps (only the touched pages become memory)
+R, C, stride = 40, 24, 2**26
+buf = torch.empty(R * stride, dtype=torch.float32)
+x = buf.as_strided((1, R, C), (R * stride, stride, 1))
+x.copy_(torch.randn(1, R, C))
+xc = x.contiguous()
+f = torch.rand(1, R) + 0.5
+res = {"sumsq": torch.allclose(nsk.sumsq_rows(x, torch.float32), xc.square().sum(-1), rtol=1e-5)}
+res["scale_cast"] = torch.equal(nsk.scale_cast(x, f, torch.empty(1, R, C)), xc * f[..., None])
+sq = torch.empty(1, R, R)
+res["sym"] = torch.allclose(nsk.sym_matmul(x, x, sq), xc @ xc.mT, rtol=1e-5, atol=1e-5)
+B = torch.randn(1, R, R) / R
+y = torch.empty(1, R, C)
+res["axpby"] = torch.allclose(nsk.axpby_matmul(B, x, y, 0.5), 0.5 * xc + B @ xc, rtol=1e-5, atol=1e-5)
+print(json.dumps(res))
+"""
+
+
+def test_offsets_past_2_31_under_the_interpreter():
+    """A matrix whose row * stride passes 2^31: the row kernels and both matrix kernels read the right rows
+    (under the interpreter a wrapped int32 offset reads outside the buffer: a crash, hence the subprocess)."""
+    assert run_interpreted(_OFFSETS_SCRIPT) == {"sumsq": True, "scale_cast": True, "sym": True, "axpby": True}
+
+
 # ----------------------------------------------------------------------------- dispatch
 
 def test_dispatch_forced_triton():
@@ -326,6 +373,25 @@ for cap in [(9, 0), (8, 0)]:
         cases.append((cap, kernel, dict(size=4096), "size 4096"))
 print(json.dumps(compile_cases(K.compile_for, cases)))
 """
+
+
+@pytest.mark.gpu
+def test_gpu_row_kernels_offsets_past_2_31_elements():
+    """One (R, C) matrix of more than 2^31 elements: row * stride passes int32 in the row-tiled kernels
+    (sums of squares, scale-and-cast); the last rows are checked against torch."""
+    nsk = triton_kernels()
+    R, C = 2**16 + 64, 2**15
+    try:
+        x = torch.randn(1, R, C, device="cuda", dtype=torch.bfloat16)
+        f = torch.rand(1, R, device="cuda") + 0.5
+        y = torch.empty_like(x)
+    except torch.OutOfMemoryError:
+        pytest.skip("not enough GPU memory for a 2^31-element matrix")
+    sums = nsk.sumsq_rows(x, torch.bfloat16)
+    tail = x[0, -64:].float()
+    torch.testing.assert_close(sums[0, -64:], tail.square().sum(-1), rtol=1e-4, atol=0)
+    nsk.scale_cast(x, f, y)
+    torch.testing.assert_close(y[0, -64:].float(), (tail * f[0, -64:, None]).bfloat16().float(), rtol=0, atol=0)
 
 
 @pytest.mark.slow
