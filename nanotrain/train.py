@@ -120,8 +120,8 @@ class Run:
 def train(cfg: TrainConfig) -> LoopState:
     """Train from the options to the horizon (or a stop); returns the final loop state."""
     run = setup(cfg)
-    fit_first_step(run)
     with StopSignals() as stop:
+        fit_first_step(run)
         while True:
             step = run.state.step
             stopping = step > run.first_step and stop.agreed(run.rt)
