@@ -80,10 +80,10 @@ class Monitor:
     def start(self, resume_step: int | None = None, wandb_id: str | None = None) -> None:
         """Open the records, once the run's up-front checks have passed (a refused run must leave an earlier
         run's log alone). A fresh run starts a fresh metrics log. A resumed run keeps the rows its checkpoint
-        covers: every row before resume_step (a checkpoint is saved before its step's evaluations, which the
-        resumed run measures again); rows of an abandoned timeline from it on are dropped, so the log and
-        the plot read as one uninterrupted run. Then wandb, when --run is set: a resume continues the wandb run
-        `wandb_id`."""
+        covers: every row before resume_step, and the evaluations the earlier run logged at resume_step (they
+        ran right after the checkpoint was written; `logged` tells the resumed run not to repeat them); rows of
+        an abandoned timeline past it are dropped, so the log and the plot read as one uninterrupted run. Then
+        wandb, when --run is set: a resume continues the wandb run `wandb_id`."""
         if not self.master:
             return
         if self.out_dir:
@@ -97,7 +97,8 @@ class Monitor:
                         rows.append(json.loads(line))
                     except ValueError:  # a row cut short by a crash mid-write (or a blank line): dropped
                         pass
-                self.history = [r for r in rows if r.get("step", 0) < resume_step]
+                self.history = [r for r in rows if r.get("step", 0) < resume_step or
+                                (r.get("step") == resume_step and "train/loss" not in r)]
                 tmp = self.metrics_path.with_name(f".metrics.{os.getpid()}.jsonl")
                 tmp.write_text("".join(json.dumps(r) + "\n" for r in self.history))
                 os.replace(tmp, self.metrics_path)
@@ -109,6 +110,10 @@ class Monitor:
                 raise UserError("--run needs the wandb package: `pip install wandb` (or leave --run out)")
             self._wandb = wandb.init(project=self.project, name=self.run, config=self.config, id=wandb_id,
                                      resume="allow" if resume_step is not None else None)
+
+    def logged(self, step: int, key: str) -> bool:
+        """Whether the log holds a value of `key` at `step` (rank 0 only: other ranks keep no log)."""
+        return any(r.get("step") == step and r.get(key) is not None for r in self.history)
 
     @property
     def wandb_id(self) -> str | None:

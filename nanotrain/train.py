@@ -105,6 +105,7 @@ class Run:
     bundle_dir: Path | None  # the CORE bundle (None: CORE is off)
     first_step: int
     resume_step: int | None
+    logged_at_resume: frozenset[str] = frozenset()  # evaluations the earlier run logged at resume_step
     pending: tuple[Tensor, float] | None = None  # fit_first_step's loss and seconds; its gradients are in place
     failed_final: list[str] = field(default_factory=list)  # final evaluations that failed
 
@@ -150,14 +151,18 @@ EVALUATIONS = ("bpb", "core", "sample")
 
 
 def should_eval(run: Run, step: int, name: str) -> bool:
-    """Whether evaluation `name` is due at `step` (every one is due at the final step). The checkpoint of a step
-    is written before its evaluations, so a run resumed at a step measures that step's evaluations."""
+    """Whether evaluation `name` is due at `step` (every one is due at the final step). A checkpoint is written
+    before its step's evaluations: a run resumed at that step measures those the earlier run did not log (it was
+    stopped first, or they failed); samples, which are not logged, are not repeated."""
     cfg, last = run.cfg, step == run.last_step
+    if name == "sample":
+        return cfg.sample_every > 0 and run.rt.master and (last or (step > run.first_step and
+                                                                    step % cfg.sample_every == 0))
+    if step == run.resume_step and name in run.logged_at_resume:
+        return False
     if name == "bpb":
         return cfg.eval_every > 0 and (last or step % cfg.eval_every == 0)
-    if name == "core":
-        return run.bundle_dir is not None and (last or (step > 0 and step % cfg.core_metric_every == 0))
-    return cfg.sample_every > 0 and run.rt.master and (last or (step > 0 and step % cfg.sample_every == 0))
+    return run.bundle_dir is not None and (last or (step > 0 and step % cfg.core_metric_every == 0))
 
 
 def take_step(run: Run) -> None:
@@ -245,6 +250,9 @@ def setup(cfg: TrainConfig) -> Run:
     if resume_step is None and cfg.overwrite:
         move_aside(ckpt_dir, rt, mon)
     mon.start(resume_step, ckpt.meta.get("wandb_run_id") if ckpt is not None else None)  # the checks passed
+    logged = frozenset() if resume_step is None else frozenset(  # rank 0 keeps the log: every rank follows it
+        name for name, key in (("bpb", "val/bpb"), ("core", "core_metric"))
+        if distributed.any_rank(mon.logged(resume_step, key), rt.device))
     # the batch the first step trains on: the loader's next, or the one an older checkpoint held back
     batch = next(train_loader) if held is None else (held["x"].to(rt.device), held["y"].to(rt.device))
     return Run(cfg=cfg, rt=rt, mon=mon, ckpt_dir=ckpt_dir, tokenizer=tokenizer,
@@ -253,7 +261,7 @@ def setup(cfg: TrainConfig) -> Run:
                state=state, train_loader=train_loader, batches=train_loader, batch=batch, loader_start=loader_start,
                first_batch_held=held is not None, device_batch_size=cfg.device_batch_size,
                grad_accum=plan.grad_accum_steps, peak_flops=peak, bundle_dir=bundle_dir, first_step=state.step,
-               resume_step=resume_step)
+               resume_step=resume_step, logged_at_resume=logged)
 
 
 def model_config_for(cfg: TrainConfig, vocab_size: int, depth: int | None = None) -> gpt.GPTConfig:
@@ -579,7 +587,8 @@ def evaluate(run: Run, name: str) -> None:
         return
     release_memory()
     step = run.state.step
-    run.mon.warn(f"evaluation {name} failed at step {step}: {error}; training goes on")
+    after = "the final checkpoint is saved" if step == run.last_step else "training goes on"
+    run.mon.warn(f"evaluation {name} failed at step {step}: {error}; {after}")
     run.mon.log({"step": step, "eval_error": {"name": name, "error": error}})
     if step == run.last_step:
         run.failed_final.append(name)
@@ -599,13 +608,17 @@ def _attempt(run: Run, name: str, half: bool) -> str | None:
 
 @contextlib.contextmanager
 def evaluating(run: Run) -> Iterator[None]:
-    """Evaluation mode, FP8 off and the run's autocast for a block; training mode again after it."""
+    """Evaluation mode, FP8 off and the run's autocast for a block; afterwards training mode and the random state
+    of before (the checkpoint of a step precedes its evaluations, and a resumed run may skip or repeat them: the
+    training stream must not depend on them)."""
+    rng = checkpoint.capture_rng_state()
     run.model.eval()
     try:
         with disable_fp8(run.model), run.precision.autocast():
             yield
     finally:
         run.model.train()
+        checkpoint.restore_rng_state(rng)
 
 
 def measure_val_bpb(run: Run, half: bool) -> None:
@@ -638,7 +651,8 @@ def measure_val_bpb(run: Run, half: bool) -> None:
 def measure_core(run: Run, half: bool) -> None:
     """The CORE metric over --core-metric-max-per-task rows per task."""
     # half: half of evaluate_core's default rows and padded tokens per forward
-    smaller = {"batch_size": 32, "max_batch_tokens": max(1024, 2**27 // run.tokenizer.vocab_size) // 2} if half else {}
+    vocab = run.model.config.vocab_size
+    smaller = {"batch_size": 32, "max_batch_tokens": max(1024, 2**27 // vocab) // 2} if half else {}
     results = evaluate_core(run.model, run.tokenizer, run.rt.device, bundle_dir=run.bundle_dir,
                             max_per_task=run.cfg.core_metric_max_per_task, **smaller)
     step = run.state.step
