@@ -83,3 +83,18 @@ def test_fp16_autocast_runs_on_cpu():
     with _fp16().autocast():
         out = torch.nn.Linear(4, 4)(torch.randn(2, 4))
     assert out.dtype == torch.float16
+
+
+@pytest.mark.gpu
+def test_the_gpu_gets_bf16_from_ampere_and_a_working_fp16_scaler_before():
+    device = torch.device("cuda")
+    p = P.choose(device)
+    major, _ = torch.cuda.get_device_capability(device)
+    assert p.dtype == (torch.bfloat16 if major >= 8 else torch.float16) and (p.scaler is not None) == (major < 8)
+    layer = torch.nn.Linear(64, 64, device=device)
+    opt = torch.optim.SGD(layer.parameters(), lr=0.1)
+    before = layer.weight.detach().clone()
+    with p.autocast():
+        loss = layer(torch.randn(8, 64, device=device)).float().square().mean()
+    p.backward(loss)
+    assert p.step(opt) and not torch.equal(layer.weight, before) and p.skipped_steps == 0
