@@ -105,6 +105,11 @@ _STEP_RE = re.compile(r"^step_(\d+)$")
 _LEFTOVER_RE = re.compile(r"^(?:step_\d+|latest)\.(?:tmp|old|trash)(?:-[A-Za-z0-9]+)?$")
 _PART_PREFIX = ".sums-rank"  # per-rank sums handed to rank 0 inside the temporary folder
 
+
+class DiskFull(UserError):
+    """A save ran out of disk space (ENOSPC/EDQUOT); nothing of it was published, earlier checkpoints are intact."""
+
+
 @dataclass
 class Checkpoint:
     """One loaded checkpoint: the states one rank needs to resume (or evaluate) a run."""
@@ -531,7 +536,7 @@ def save_checkpoint(ckpt_dir: str | os.PathLike, step: int, model_state: dict | 
             _remove(tmp)
         e = errors[0]
         if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise UserError(f"no space left on the device while writing checkpoint {final} ({e.strerror}); the "
+            raise DiskFull(f"no space left on the device while writing checkpoint {final} ({e.strerror}); the "
                             "earlier checkpoints are intact: free disk space or pass --keep-last N") from None
         raise e
     if rank != 0:  # did rank 0 publish this rank's files? (it fails alone when, e.g., its disk fills up)
@@ -794,6 +799,6 @@ def restore_rng_state(state: dict) -> None:
         torch.mps.set_rng_state(state["torch_mps"])
 
 
-__all__ = ["Checkpoint", "capture_rng_state", "clean_stale", "code_version", "jsonable", "latest_step", "list_steps",
-           "load_checkpoint", "prune", "read_meta", "resolve_step", "restore_rng_state", "save_checkpoint",
-           "step_dir_name"]
+__all__ = ["Checkpoint", "DiskFull", "capture_rng_state", "clean_stale", "code_version", "jsonable", "latest_step",
+           "list_steps", "load_checkpoint", "prune", "read_meta", "resolve_step", "restore_rng_state",
+           "save_checkpoint", "step_dir_name"]

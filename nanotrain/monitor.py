@@ -47,14 +47,16 @@ def mfu(flops_per_token: float, tokens_per_sec: float, peak: float | None, world
 
 
 def step_line(step: int, num_iterations: int, loss: float, lrm: float, dt: float, tok_per_sec: float,
-              mfu_pct: float | None, elapsed: float, eta: float | None) -> str:
-    """The per-step terminal line."""
+              mfu_pct: float | None, elapsed: float, eta: float | None, skipped: int | None = None) -> str:
+    """The per-step terminal line. skipped: steps the fp16 gradient scaler skipped so far (None: no scaler)."""
     parts = [
         f"step {step:05d}/{num_iterations:05d} ({100 * step / max(num_iterations, 1):.1f}%)",
         f"loss {loss:.4f}", f"lrm {lrm:.2f}", f"dt {dt * 1000:.0f}ms", f"tok/s {tok_per_sec:,.0f}",
     ]
     if mfu_pct is not None:
         parts.append(f"mfu {mfu_pct:.1f}%")
+    if skipped is not None:
+        parts.append(f"skipped {skipped}")
     parts.append(f"time {format_duration(elapsed)}")
     if eta is not None:
         parts.append(f"eta {format_duration(eta)}")
@@ -78,9 +80,10 @@ class Monitor:
     def start(self, resume_step: int | None = None, wandb_id: str | None = None) -> None:
         """Open the records, once the run's up-front checks have passed (a refused run must leave an earlier
         run's log alone). A fresh run starts a fresh metrics log. A resumed run keeps the rows its checkpoint
-        covers: every row before resume_step and the evaluations at resume_step (a checkpoint is saved after its
-        step's evaluations); rows of an abandoned timeline past it are dropped, so the log and the plot read as
-        one uninterrupted run. Then wandb, when --run is set: a resume continues the wandb run `wandb_id`."""
+        covers: every row before resume_step, and the evaluations the earlier run logged at resume_step (they
+        ran right after the checkpoint was written; `logged` tells the resumed run not to repeat them); rows of
+        an abandoned timeline past it are dropped, so the log and the plot read as one uninterrupted run. Then
+        wandb, when --run is set: a resume continues the wandb run `wandb_id`."""
         if not self.master:
             return
         if self.out_dir:
@@ -107,6 +110,10 @@ class Monitor:
                 raise UserError("--run needs the wandb package: `pip install wandb` (or leave --run out)")
             self._wandb = wandb.init(project=self.project, name=self.run, config=self.config, id=wandb_id,
                                      resume="allow" if resume_step is not None else None)
+
+    def logged(self, step: int, key: str) -> bool:
+        """Whether the log holds a value of `key` at `step` (rank 0 only: other ranks keep no log)."""
+        return any(r.get("step") == step and r.get(key) is not None for r in self.history)
 
     @property
     def wandb_id(self) -> str | None:

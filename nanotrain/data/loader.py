@@ -13,8 +13,10 @@ raises StopIteration (the last, incomplete batch is dropped), so each evaluation
 loader; pass loop=True to cycle it instead.
 
 `state_dict()` holds the position (epoch, row group, document within it) and the tokenized
-documents still buffered, so `DataLoader(..., state=sd)` yields exactly the batches the original
-loader would have yielded next. The state also records the data and tokenizer fingerprints;
+documents still buffered, as they were BEFORE the batch the loader last yielded: `DataLoader(...,
+state=sd)` yields that batch again first, then exactly the batches the original loader yields next.
+A trainer that has drawn the next step's batch ahead of time thus saves loader state only, never a
+held-back batch of tensors. The state also records the data and tokenizer fingerprints;
 resuming against other data or another tokenizer is an error (the stream could not be the same).
 
 A tokenizer trained on shards that are no longer in the data directory (none of its training
@@ -103,6 +105,7 @@ class DataLoader:
         self.tokens_consumed = 0  # tokens of the documents taken into rows (cropped parts included)
         self.tokens_cropped = 0
         self.batches = 0
+        self._before_last: dict | None = None  # the position before the last yielded batch (see state_dict)
         if state is not None:
             self.load_state_dict(state)
 
@@ -182,7 +185,9 @@ class DataLoader:
         return self
 
     def __next__(self) -> tuple[Tensor, Tensor]:
+        before = self._position()
         rows = self._next_rows()  # (B, T+1) int32
+        self._before_last = before
         B, T = self.batch_size, self.seq_len
         cuda = self.device.type == "cuda"
         host = torch.empty((2, B, T), dtype=torch.int64, pin_memory=cuda)
@@ -225,17 +230,26 @@ class DataLoader:
         return self.tokens_cropped / self.tokens_consumed if self.tokens_consumed else 0.0
 
     # ------------------------------------------------------------------ state
+    def _position(self) -> dict:
+        """The stream position now. Cheap: the buffer arrays are referenced, not copied (every update of the
+        buffer replaces the arrays, none writes into them)."""
+        return {"epoch": self.epoch, "unit": self.unit, "doc": self.doc, "tokens": self._tokens,
+                "lengths": self._lengths, "tokens_consumed": self.tokens_consumed,
+                "tokens_cropped": self.tokens_cropped, "batches": self.batches, "empty_units": self._empty_units}
+
     def state_dict(self) -> dict:
-        """Everything needed to continue the exact same stream (plain types and two CPU tensors)."""
-        u = self.units[self.unit] if self.unit < len(self.units) else None
+        """The position before the batch last yielded (now, before the first batch), in plain types and two CPU
+        tensors: a loader built from it yields that batch again, then continues the exact same stream."""
+        pos = self._before_last or self._position()
+        u = self.units[pos["unit"]] if pos["unit"] < len(self.units) else None
         return {
             "version": STATE_VERSION, "split": self.split, "rank": self.rank, "world_size": self.world_size,
-            "epoch": self.epoch, "unit": self.unit, "doc": self.doc,
+            "epoch": pos["epoch"], "unit": pos["unit"], "doc": pos["doc"],
             "shard": self.shards[u.shard].name if u else None, "row_group": u.row_group if u else None,
-            "buffer_tokens": torch.from_numpy(self._tokens.copy()),
-            "buffer_lengths": torch.from_numpy(self._lengths.copy()),
-            "tokens_consumed": self.tokens_consumed, "tokens_cropped": self.tokens_cropped, "batches": self.batches,
-            "empty_units": self._empty_units,
+            "buffer_tokens": torch.from_numpy(pos["tokens"].copy()),
+            "buffer_lengths": torch.from_numpy(pos["lengths"].copy()),
+            "tokens_consumed": pos["tokens_consumed"], "tokens_cropped": pos["tokens_cropped"],
+            "batches": pos["batches"], "empty_units": pos["empty_units"],
             "data_fingerprint": self.data_fingerprint,
             "tokenizer_fingerprint": getattr(self.tokenizer, "fingerprint", None),
         }
@@ -262,3 +276,4 @@ class DataLoader:
         self._lengths = sd["buffer_lengths"].numpy().astype(np.int64, copy=True)
         self.tokens_consumed, self.tokens_cropped = int(sd["tokens_consumed"]), int(sd["tokens_cropped"])
         self.batches = int(sd["batches"])
+        self._before_last = None

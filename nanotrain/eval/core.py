@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import fcntl
 import json
 import os
 import random
@@ -70,7 +69,7 @@ def ensure_eval_bundle(base_dir: str | os.PathLike | None = None, url: str | Non
 
     Order: `bundle_dir` (e.g. --bundle-dir), then $NANOTRAIN_EVAL_BUNDLE, then <base>/eval_bundle; when the
     last is missing it is downloaded from `url` (default $NANOTRAIN_EVAL_BUNDLE_URL, else nanochat's
-    address) under an exclusive fcntl lock (other ranks wait and then find it) and unpacked into a
+    address) under an exclusive file lock (other ranks wait and then find it; no lock without fcntl) and unpacked into a
     temporary folder that is renamed into place, so a crash never leaves a half-written bundle behind.
     """
     explicit = bundle_dir or os.environ.get(BUNDLE_ENV_VAR)
@@ -85,11 +84,22 @@ def ensure_eval_bundle(base_dir: str | os.PathLike | None = None, url: str | Non
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     with open(target.parent / ".eval_bundle.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        _wait_for_lock(lock)  # released when the file closes
         if _is_bundle(target):            # another rank (or process) finished it while we waited
             return target
         _download_and_unpack(url or os.environ.get(BUNDLE_URL_ENV_VAR) or EVAL_BUNDLE_URL, target, timeout)
     return target
+
+
+def _wait_for_lock(f) -> None:
+    """Hold an exclusive lock on an open file, waiting for it. Where fcntl is missing (Windows) there is no lock:
+    importing and evaluating still work, but processes that fetch the bundle at the same time are not kept
+    apart (fetch it once, e.g. with one `nanotrain-eval` run, before starting several)."""
+    try:
+        import fcntl
+    except ImportError:
+        return
+    fcntl.flock(f, fcntl.LOCK_EX)
 
 
 def _download_and_unpack(url: str, target: Path, timeout: float) -> None:

@@ -52,7 +52,7 @@ def test_resume_is_exact_across_epochs(corpus_dir, tokenizer):
     base, _ = corpus_dir
     kw = dict(tokenizer=tokenizer, batch_size=4, seq_len=96, base_dir=base, buffer_size=20)
     ref = DataLoader(**kw)
-    take(ref, 7)
+    last = take(ref, 7)[-1]
     buf = io.BytesIO()
     torch.save(ref.state_dict(), buf)  # through a checkpoint file, as the trainer does
     buf.seek(0)
@@ -60,14 +60,32 @@ def test_resume_is_exact_across_epochs(corpus_dir, tokenizer):
     expected = take(ref, 40)
     assert ref.epoch >= 1  # the continuation crossed an epoch boundary
     resumed = DataLoader(**kw, state=state)
-    got = take(resumed, 40)
-    for (x0, y0), (x1, y1) in zip(expected, got):
+    # the state is the position before the batch last yielded: that batch comes first, then the continuation
+    got = take(resumed, 41)
+    for (x0, y0), (x1, y1) in zip([last, *expected], got, strict=True):
         assert torch.equal(x0, x1) and torch.equal(y0, y1)
-    assert resumed.state_dict()["epoch"] == ref.epoch
+    assert resumed.state_dict().keys() == ref.state_dict().keys()
+    assert resumed.state_dict()["epoch"] == ref.state_dict()["epoch"] and resumed.epoch == ref.epoch
     assert resumed.cropped_fraction == ref.cropped_fraction
     # a fresh loader does not give the continuation (the state is really used)
     fresh = take(DataLoader(**kw), 1)[0][0]
     assert not torch.equal(fresh, expected[0][0])
+
+
+def test_state_is_the_position_before_the_last_batch(corpus_dir, tokenizer):
+    """A trainer draws the next step's batch ahead; saving the loader's state must bring that batch back."""
+    base, _ = corpus_dir
+    kw = dict(tokenizer=tokenizer, batch_size=2, seq_len=64, base_dir=base, buffer_size=10)
+    loader = DataLoader(**kw)
+    before = loader.state_dict()
+    first = next(loader)
+    assert DataLoader(**kw, state=before).state_dict()["batches"] == 0
+    x0, _ = next(DataLoader(**kw, state=loader.state_dict()))
+    assert torch.equal(x0, first[0])  # the batch last yielded, again
+    x1, _ = next(loader)
+    x1_again, _ = next(DataLoader(**kw, state=loader.state_dict()))
+    assert torch.equal(x1_again, x1) and not torch.equal(x1, first[0])
+    assert loader.state_dict()["batches"] == 1 and loader.batches == 2
 
 
 def _doc_ids(loader) -> set[int]:
