@@ -24,6 +24,28 @@ import shutil
 import subprocess
 import tempfile
 
+AUTOTUNE_ENV = "NANOTRAIN_AUTOTUNE"
+
+
+def autotune_configs(configs: list) -> list:
+    """The launch configs a kernel's autotuner may try: all of `configs`, or only the first one when
+    NANOTRAIN_AUTOTUNE=first (read when a kernel's autotuned wrapper is built, at its first launch).
+
+    Why: autotuning tries every config of every kernel at every new key; in a timed GPU session (the first
+    call of benchmarks/gpu_check.sh) that is minutes of compiles and benchmarks spent on tuning instead of
+    on checks. The first entry of each list is the one chosen to compile without spills (see each kernel's
+    list), so `first` keeps correctness checks meaningful while skipping the search. Any other value
+    raises ValueError naming the two accepted ones (this module never imports nanotrain, so not UserError).
+    """
+    mode = os.environ.get(AUTOTUNE_ENV, "all").strip().lower() or "all"
+    if mode == "all":
+        return list(configs)
+    if mode == "first":
+        return list(configs[:1])
+    raise ValueError(f"{AUTOTUNE_ENV}={mode!r} is not understood: set it to 'first' (one config per kernel) "
+                     "or 'all' (autotune over every config), or unset it.")
+
+
 # Per-block shared memory a kernel may use (cudaDevAttrMaxSharedMemoryPerBlockOptin).
 SHARED_LIMIT = {(9, 0): 232448, (8, 0): 166912, (8, 9): 101376, (8, 6): 101376}
 
