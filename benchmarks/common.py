@@ -14,7 +14,8 @@ How nanotrain measures (METHOD.md of the device machine; STYLE.md §7):
 
 Each bench_<name>.py exposes `collect(quick: bool) -> list[Row]` (raising NeedsCUDA where it cannot run here)
 and `main()` = `common.main(collect)`; benchmarks/run.py runs several of them into one results file.
-Benchmarks import this as `import common` (benchmarks/conftest.py puts this folder on sys.path; a script
+torch is imported inside the functions that use it, so the plan's bookkeeping (benchmarks/run.py stage, summary)
+starts fast. Benchmarks import this as `import common` (benchmarks/conftest.py puts this folder on sys.path; a script
 run as `python benchmarks/bench_x.py` has it there already).
 """
 from __future__ import annotations
@@ -33,8 +34,6 @@ import time
 from dataclasses import asdict, dataclass, fields
 from typing import Callable, Iterable
 
-import torch
-
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # -- timing --------------------------------------------------------------------------------------------------
@@ -42,6 +41,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def cuda_times_ms(fn: Callable[[], object], warmup: int = 5, repeats: int = 20) -> list[float]:
     """Milliseconds of each of `repeats` calls of fn(), timed with CUDA events after `warmup` untimed calls."""
+    import torch
+
     for _ in range(warmup):
         fn()
     torch.cuda.synchronize()
@@ -76,8 +77,12 @@ def cpu_time_s(fn: Callable[[], object], warmup: int = 2, repeats: int = 10, min
 # -- the device's measured limits ------------------------------------------------------------------------------
 
 
-def matmul_peak_tflops(dtype: torch.dtype = torch.bfloat16, n: int = 8192, repeats: int = 20) -> float:
-    """Measured dense matmul rate (TFLOP/s) of an n x n x n product on random data: the compute ceiling."""
+def matmul_peak_tflops(dtype=None, n: int = 8192, repeats: int = 20) -> float:
+    """Measured dense matmul rate (TFLOP/s) of an n x n x n product on random data (dtype: bf16 unless given):
+    the compute ceiling."""
+    import torch
+
+    dtype = dtype or torch.bfloat16
     a = torch.randn(n, n, device="cuda", dtype=dtype)
     b = torch.randn(n, n, device="cuda", dtype=dtype)
     ms = cuda_time_ms(lambda: a @ b, warmup=5, repeats=repeats)
@@ -86,6 +91,8 @@ def matmul_peak_tflops(dtype: torch.dtype = torch.bfloat16, n: int = 8192, repea
 
 def copy_bandwidth_gbs(num_bytes: int = 2 << 30, repeats: int = 20) -> float:
     """Measured device-to-device copy rate (GB/s, bytes read + written): the memory ceiling."""
+    import torch
+
     src = torch.randint(0, 255, (num_bytes,), device="cuda", dtype=torch.uint8)
     dst = torch.empty_like(src)
     ms = cuda_time_ms(lambda: dst.copy_(src), warmup=3, repeats=repeats)
@@ -105,6 +112,8 @@ def gbs(num_bytes: float, ms: float) -> float:
 def measure(fn: Callable[[], object], warmup: int = 5, repeats: int = 20) -> tuple[float, float | None]:
     """(median ms, peak MB) of fn() on CUDA: events after warm-up, and the allocator's peak over the timed calls
     above what was allocated before (the op's own working memory, outputs and autograd buffers included)."""
+    import torch
+
     torch.cuda.synchronize()
     base = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
@@ -133,6 +142,8 @@ def git_commit() -> str:
 
 def device_name() -> str:
     """The GPU's name, or the CPU's model and the threads torch uses."""
+    import torch
+
     if torch.cuda.is_available():
         return torch.cuda.get_device_name()
     cpu = platform.processor() or platform.machine()
@@ -146,6 +157,8 @@ def device_name() -> str:
 
 def software() -> str:
     """torch (and CUDA), triton and python versions, in one short string."""
+    import torch
+
     parts = [f"torch {torch.__version__}"]
     if torch.version.cuda:
         parts.append(f"cuda {torch.version.cuda}")
@@ -161,6 +174,8 @@ def software() -> str:
 
 def machine_info() -> dict:
     """What a recorded number needs beside it: date, device, commit, software versions, extension build."""
+    import torch
+
     info = {"date": _now(), "device": device_name(), "commit": git_commit(), "software": software()}
     if torch.cuda.is_available():
         info["capability"] = "sm_%d%d" % torch.cuda.get_device_capability()
@@ -364,6 +379,8 @@ class NeedsCUDA(Exception):
 
 def require_cuda(what: str) -> None:
     """Raise NeedsCUDA naming `what` when there is no CUDA device."""
+    import torch
+
     if not torch.cuda.is_available():
         raise NeedsCUDA(f"{what} needs a CUDA GPU")
 

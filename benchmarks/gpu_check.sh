@@ -33,7 +33,8 @@
 # --dry-run (or DRY_RUN=1): run the plan end to end on a machine without CUDA: every stage runs, and what needs
 #   CUDA is skipped by the tests and benchmarks themselves (as skipped rows) or here (said in the stage's detail);
 #   installs are not done (an install with NANOTRAIN_NO_EXT=1 deletes this tree's built extension), the training
-#   stage runs a tiny model, and the graph-break count a short sequence.
+#   stage runs a tiny model, and the graph-break count a short sequence; limits and budget are DRY_SCALE (4) times
+#   longer (a shared CPU is slower than the device machine's 16 cores).
 # Knobs: PYTHON (python3), NANOTRAIN_COMMIT, OUT (default benchmarks/out/gpu_check/<call>), BUDGET (seconds of the call),
 #   T_<STAGE> (a stage's limit, e.g. T_TRAIN=120), TRAIN_ARGS (extra nanotrain options), MAX_JOBS (16).
 set -uo pipefail
@@ -83,6 +84,11 @@ export PYTHONUNBUFFERED=1 MAX_JOBS=${MAX_JOBS:-16} GPU_CHECK_CALL=$CALL
 export NANOTRAIN_RESULTS=$OUT/results.jsonl
 PY=${PYTHON:-python3}
 BUDGET=${BUDGET:-${BUDGETS[$CALL]}}
+SCALE=1
+if [ "$DRY_RUN" = 1 ]; then  # a shared CPU runs the same steps several times slower than the device's 16 cores
+  SCALE=${DRY_SCALE:-4}
+  BUDGET=$(( BUDGET * SCALE ))
+fi
 START=$(date +%s)
 if [ -z "${NANOTRAIN_COMMIT:-}" ]; then
   NANOTRAIN_COMMIT=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
@@ -95,10 +101,9 @@ if ls .whl/*.whl >/dev/null 2>&1 && [ "$DRY_RUN" = 0 ]; then
   "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
-has_cuda=$("$PY" -c "import torch; print(int(torch.cuda.is_available()))" 2>/dev/null || echo 0)
 GPU_CHECK_DEVICE=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1)
 export GPU_CHECK_DEVICE=${GPU_CHECK_DEVICE:-no GPU ($(uname -m))}
-if [ "$has_cuda" = 0 ] && [ "$DRY_RUN" = 0 ]; then
+if [ "$DRY_RUN" = 0 ] && [ "$("$PY" -c "import torch; print(int(torch.cuda.is_available()))" 2>/dev/null)" != 1 ]; then
   echo "gpu_check: no CUDA device here; run with --dry-run to rehearse the plan on this machine" >&2
   exit 2
 fi
@@ -109,7 +114,7 @@ echo "gpu_check $CALL: stages '$RUN_STAGES', budget ${BUDGET} s, commit $NANOTRA
 run_stage() {
   local name=$1 fn="stage_${1//-/_}"
   local var="T_${name//-/_}"; var=${var^^}
-  local limit=${!var:-${LIMITS[$name]}}
+  local limit=$(( ${!var:-${LIMITS[$name]}} * SCALE ))
   local left=$(( BUDGET - ($(date +%s) - START) - 10 ))  # 10 s kept for the summary
   if [ "$left" -lt 5 ]; then
     "$PY" benchmarks/run.py stage "$name" skipped 0 "no time left in the call's ${BUDGET} s budget"
@@ -122,17 +127,18 @@ run_stage() {
   local rc=$? status=ok
   if [ $rc = 124 ] || [ $rc = 137 ]; then status=timeout; elif [ $rc != 0 ]; then status=failed; fi
   tail -4 "$OUT/$name.log" | sed 's/^/   /'
-  "$PY" benchmarks/run.py stage "$name" "$status" "$(( $(date +%s) - t0 ))" "$(stage_detail "$name" "$rc")"
+  "$PY" benchmarks/run.py stage "$name" "$status" "$(( $(date +%s) - t0 ))" "$(describe_stage "$name" "$rc")"
 }
 
-# what a stage's log says in one line (pytest's counts, the extension status, ...)
-stage_detail() {
-  local name=$1 rc=$2 line
-  line=$(grep -E '[0-9]+ (passed|failed|skipped|error|deselected)' "$OUT/$name.log" | tail -1 | tr -d '=' | xargs)
-  [ -z "$line" ] && line=$(grep -E '^(extension|nanotrain\._C|bench |skipped|DRY RUN)' "$OUT/$name.log" | tail -3 \
-    | tr '\n' ';' | cut -c1-200)
-  [ -z "$line" ] && line=$(tail -1 "$OUT/$name.log" | cut -c1-200)
-  echo "rc=$rc${line:+; $line}"
+# what a stage's log says in one line: the dry run's skips, pytest's counts, the benchmarks' row counts, the
+# extension's status, else the log's last line
+describe_stage() {
+  local name=$1 rc=$2 log="$OUT/$1.log" line
+  line=$(grep -E '[0-9]+ (passed|failed|skipped|error|deselected)' "$log" | tail -1 | tr -d '=' | xargs)
+  [ -z "$line" ] && line=$(grep -E '^(bench [a-z0-9]+: |extension: |skipped: )' "$log" | tr '\n' ';' | sed 's/;$//')
+  [ -z "$line" ] && line=$(grep -vE '^(DRY RUN|date: )' "$log" | tail -1)
+  local dry; dry=$(grep -E '^DRY RUN' "$log" | head -1)
+  echo "rc=$rc${line:+; ${line:0:160}}${dry:+; ${dry:0:120}}"
 }
 
 # -- the stages ---------------------------------------------------------------------------------------------------
