@@ -15,6 +15,9 @@ way Triton's launcher specializes a real call, so the compiled code is the one a
 
 Needs TRITON_INTERPRET unset in the process (the interpreter replaces @triton.jit functions by Python
 ones that cannot be compiled). This module never imports nanotrain.
+
+It also holds `autotune_configs`, the one place where the kernels' autotune lists meet NANOTRAIN_AUTOTUNE
+(`first`: only each list's first config, the one these compiles check first; the GPU check's first call).
 """
 from __future__ import annotations
 
