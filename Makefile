@@ -57,7 +57,7 @@ gpu-check-dry:
 
 gpu-check-plan:
 	@echo 'run(command="NANOTRAIN_COMMIT=$(COMMIT) benchmarks/gpu_check.sh call1", carry=[".whl", ".gpu_carry"], timeout_s=420)'
-	@echo 'run(command="NANOTRAIN_COMMIT=$(COMMIT) benchmarks/gpu_check.sh call2", carry=[".whl", ".gpu_carry"], timeout_s=360)'
+	@echo 'run(command="NANOTRAIN_COMMIT=$(COMMIT) benchmarks/gpu_check.sh call2", carry=[".whl", ".gpu_carry"], timeout_s=380)'
 
 gpu-rehearsal:
 	benchmarks/gpu_rehearsal.sh
