@@ -13,7 +13,7 @@ How nanotrain measures (METHOD.md of the device machine; STYLE.md §7):
   printed with one table (`table`) or as RESULTS.md lines (`Row.markdown`).
 
 Each bench_<name>.py exposes `collect(quick: bool) -> list[Row]` (raising NeedsCUDA where it cannot run here)
-and `main()` = `common.main(collect)`; benchmarks/run.py runs several of them into one results file.
+and `main()` = `common.main(name, collect)`; benchmarks/run.py runs several of them into one results file.
 torch is imported inside the functions that use it, so the plan's bookkeeping (benchmarks/run.py stage, summary)
 starts fast. Benchmarks import this as `import common` (benchmarks/conftest.py puts this folder on sys.path; a script
 run as `python benchmarks/bench_x.py` has it there already).

@@ -68,6 +68,11 @@ fi
 "$PY" -c "import sys, torch, triton, numpy; print('gpu-rehearsal: python', sys.version.split()[0], 'torch',
       torch.__version__, 'triton', triton.__version__, 'numpy', numpy.__version__)"
 
+# a private Triton cache, emptied each run: every kernel compiles fresh under triton 3.6 (a cached binary, or one
+# cached by another Triton release sharing ~/.triton, could hide a compile that fails)
+export TRITON_CACHE_DIR=$DIR/triton_cache
+rm -rf "$TRITON_CACHE_DIR"
+
 RESULT=$DIR/result.txt
 : >"$RESULT"
 status=0
