@@ -2,6 +2,9 @@
 
     python benchmarks/bench_core.py --max-per-task 16 [--tasks a,b] [--tokenizer-base DIR] [--device cpu]
 
+One common.Row per task and one for the total go to the run's results file (common.results_path(), or
+--results), like every benchmark's rows.
+
 A random model's accuracy means nothing; the point is the wall time of the evaluation itself (prompt
 rendering, tokenization, batched forwards), per task and in total. The tokenizer comes from
 --tokenizer-base (a base dir with tokenizer/, e.g. one made by `nanotrain-data sample` and
@@ -12,15 +15,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
-import subprocess
+import os
+import sys
 import time
 from pathlib import Path
 
 import torch
 
-from nanotrain.eval.core import ensure_eval_bundle, evaluate_core, load_rows, load_tasks
-from nanotrain.model import GPT, GPTConfig
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # noqa: E402  (benchmarks/common.py: the row format and the results file)
+
+from nanotrain.eval.core import ensure_eval_bundle, evaluate_core, load_rows, load_tasks  # noqa: E402
+from nanotrain.model import GPT, GPTConfig  # noqa: E402
 
 
 def main() -> None:
@@ -38,7 +44,7 @@ def main() -> None:
     p.add_argument("--n-layer", type=int, default=12)
     p.add_argument("--n-embd", type=int, default=768)
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
-    p.add_argument("--out", default=None, help="write the numbers as JSON here")
+    p.add_argument("--results", default=None, help="results file for the rows (default: common.results_path())")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -85,20 +91,16 @@ def main() -> None:
         print(f"{task.label:<34} {per_task[task.label]:8.2f} s  accuracy {res['results'][task.label]:.3f}",
               flush=True)
     total = time.perf_counter() - t0
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    except OSError:
-        commit = "unknown"
-    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
-    summary = {"device": device_name, "threads": torch.get_num_threads(), "commit": commit,
-               "model": f"n_layer={cfg.n_layer} n_embd={cfg.n_embd} seq={cfg.sequence_len} vocab={cfg.vocab_size}",
-               "tokenizer": tok_desc, "share_prefix": args.share_prefix, "max_per_task": args.max_per_task,
-               "tasks": len(per_task),
-               "total_s": total, "per_task_s": per_task}
-    print(f"total {total:.1f} s over {len(per_task)} tasks ({tok_desc}; {summary['model']}; {device_name}, "
-          f"{summary['threads']} threads, commit {commit})")
-    if args.out:
-        Path(args.out).write_text(json.dumps(summary, indent=2))
+    shape = f"n_layer={cfg.n_layer} n_embd={cfg.n_embd} seq={cfg.sequence_len} vocab={cfg.vocab_size}"
+    note = (f"{tok_desc}; share_prefix={args.share_prefix}; max_per_task={args.max_per_task}; "
+            f"{torch.get_num_threads()} threads")
+    rows = [common.Row("core", f"CORE task {label}", "evaluate_core", shape, ms=seconds * 1e3, note=note)
+            for label, seconds in per_task.items()]
+    rows.append(common.Row("core", f"CORE, {len(per_task)} tasks", "evaluate_core", shape, ms=total * 1e3, note=note))
+    rows = [common.record(r, args.results) for r in rows]
+    print(f"total {total:.1f} s over {len(per_task)} tasks ({tok_desc}; {shape}; {rows[-1].device}, "
+          f"{torch.get_num_threads()} threads, commit {rows[-1].commit})")
+    print(f"{len(rows)} rows appended to {args.results or common.results_path()}")
 
 
 if __name__ == "__main__":

@@ -1,21 +1,20 @@
-"""FP8 linear benchmarks on the d26 MLP shape (input 65536 x 1664, weight 6656 x 1664, bf16 activations).
+"""FP8 linear benchmarks at the d26 MLP shape of benchmarks/shapes.py (x: one micro-batch of 32 x 2048 = 65536
+tokens by 1664, weight 6656 x 1664, bf16 activations).
 
 Measured in one run, on one GPU:
   - forward+backward of one linear: the torch.compile'd bf16 linear (the peer) vs Float8Linear tensorwise
     and rowwise, each with the scaled_mm (cuBLASLt/CUTLASS) and the Triton GEMM backend;
-  - the forward GEMM alone: bf16 matmul vs torch._scaled_mm vs the Triton FP8 GEMM (TFLOP/s);
+  - the forward GEMM alone: bf16 matmul (the peer) vs torch._scaled_mm vs the Triton FP8 GEMM (TFLOP/s);
   - the fused quantize kernel (absmax + scale + cast + transposed copy) vs the torch.compile'd reference,
-    in GB/s of the minimal traffic (read x once, write each fp8 output once).
-The issue's targets: fwd+bwd >= 1.5x bf16 (tensorwise), >= 1.2x (rowwise).
+    in GB/s of the minimal traffic (read x once, write each fp8 output once), % of the measured copy rate.
+The issue's targets: fwd+bwd >= 1.5x bf16 (tensorwise), >= 1.2x (rowwise); the rows' "vs peer" says it.
 
-Run:  python benchmarks/bench_fp8.py            (a table and RESULTS.md lines; JSON to $OUT/bench_fp8.json,
-                                                 else benchmarks/out/)
-      python -m pytest benchmarks/bench_fp8.py   (pytest-benchmark, pedantic mode)
-Everything is skipped without CUDA. Timing: CUDA events after warm-up, median of the repeats.
+Run:  python benchmarks/bench_fp8.py [--quick]     (rows to the results file, table to stdout)
+      python -m pytest benchmarks/bench_fp8.py     (pytest-benchmark, pedantic mode)
+Needs an FP8 GPU (sm89+; collect() raises common.NeedsCUDA elsewhere). Timing: CUDA events, median.
 """
 from __future__ import annotations
 
-import json
 import os
 import sys
 
@@ -23,20 +22,18 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from nanotrain.ops import fp8, registry
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # noqa: E402  (benchmarks/common.py: timing, measured limits, the row format)
+import shapes  # noqa: E402  (benchmarks/shapes.py: the model shapes)
 
-M, K, N = 65536, 1664, 6656  # d26: tokens per micro-batch x model dim -> 4 x model dim
+from nanotrain.ops import fp8, registry  # noqa: E402
+
+SHAPE = shapes.SHAPES["d26"]
+M, N, K = SHAPE.linear_shapes()["mlp c_fc"]  # tokens of a micro-batch x 4 * model_dim <- model_dim
 LINEAR_FLOPS = 3 * 2 * M * N * K  # forward + the two backward GEMMs
 TARGETS = {"tensorwise": 1.5, "rowwise": 1.2}
-
 DEVICE = "cuda"
-
-
-def cuda_time_ms(fn, warmup: int = 5, repeats: int = 20) -> float:
-    """Median milliseconds of fn() (CUDA events after warm-up): the platform's common.cuda_time_ms."""
-    import common  # benchmarks/common.py (on sys.path when run as a script or through benchmarks/conftest.py)
-
-    return common.cuda_time_ms(fn, warmup=warmup, repeats=repeats)
+LINEAR_TEXT = f"{SHAPE.name} mlp c_fc: x {M}x{K}, w {N}x{K}, bf16"
 
 
 def _inputs():
@@ -57,7 +54,7 @@ def _linear_step(linear_fn, x, w, dy, forced: dict | None = None):
 
 
 def linear_providers() -> dict:
-    """name -> (linear_fn(x, w), forced backends)."""
+    """name -> (linear_fn(x, w), forced backends); the bf16 peer first."""
     bf16 = torch.compile(lambda x, w: F.linear(x, w))
     out = {"bf16 linear (torch.compile)": (bf16, {})}
     for recipe in ("tensorwise", "rowwise"):
@@ -72,127 +69,100 @@ def linear_providers() -> dict:
     return out
 
 
-def measure_linear() -> list[dict]:
-    x, w, dy = _inputs()
-    rows, base = [], None
-    for name, (fn, forced) in linear_providers().items():
-        try:
-            ms = cuda_time_ms(_linear_step(fn, x, w, dy, forced))
-        except Exception as e:  # noqa: BLE001 - one failing provider must not hide the others
-            rows.append({"bench": "linear fwd+bwd", "provider": name, "error": f"{type(e).__name__}: {e}"})
-            continue
-        base = ms if base is None else base
-        rows.append({"bench": "linear fwd+bwd", "provider": name, "ms": ms, "tflops": LINEAR_FLOPS / ms / 1e9,
-                     "speedup_vs_bf16": base / ms})
+def _error(op: str, provider: str, shape: str, e: Exception) -> common.Row:
+    return common.Row("fp8", op, provider, shape, status="error", note=f"{type(e).__name__}: {e}"[:300])
+
+
+def _timed(op: str, provider: str, shape: str, fn, reps: int, flops: float | None = None,
+           nbytes: float | None = None, peak: dict | None = None) -> common.Row:
+    """One provider's row: time and memory, TFLOP/s (flops) or GB/s (nbytes) with % of the measured limit."""
+    try:
+        ms, mem = common.measure(fn, repeats=reps)
+    except Exception as e:  # noqa: BLE001 - one failing provider must not hide the others
+        return _error(op, provider, shape, e)
+    if flops is not None:
+        rate = common.tflops(flops, ms)
+        return common.Row("fp8", op, provider, shape, ms=ms, rate=rate, unit="TFLOP/s",
+                          pct_of_limit=100 * rate / peak["matmul"], limit="bf16 matmul", peak_mb=mem)
+    rate = common.gbs(nbytes, ms)
+    return common.Row("fp8", op, provider, shape, ms=ms, rate=rate, unit="GB/s",
+                      pct_of_limit=100 * rate / peak["copy"], limit="copy", peak_mb=mem)
+
+
+def _vs_first(rows: list[common.Row], peer: str) -> list[common.Row]:
+    """Each row's speed-up over the first row (the peer) of its op."""
+    base = rows[0] if rows and rows[0].status == "ok" else None
+    for r in rows[1:]:
+        if base is not None and r.status == "ok":
+            r.vs_peer, r.peer = base.ms / r.ms, peer
     return rows
 
 
-def measure_gemm() -> list[dict]:
+def measure_linear(reps: int, peak: dict) -> list[common.Row]:
+    x, w, dy = _inputs()
+    rows = [_timed("linear fwd+bwd", name, LINEAR_TEXT, _linear_step(fn, x, w, dy, forced), reps, LINEAR_FLOPS,
+                   peak=peak) for name, (fn, forced) in linear_providers().items()]
+    rows = _vs_first(rows, "bf16")
+    for r in rows[1:]:
+        recipe = "tensorwise" if "tensorwise" in r.provider else "rowwise"
+        if r.vs_peer is not None:
+            r.note = f"target x{TARGETS[recipe]} vs bf16: {'met' if r.vs_peer >= TARGETS[recipe] else 'NOT met'}"
+    return rows
+
+
+def measure_gemm(reps: int, peak: dict) -> list[common.Row]:
     torch.manual_seed(0)
     a = torch.randn(M, K, device=DEVICE, dtype=torch.bfloat16)
     w = torch.randn(N, K, device=DEVICE, dtype=torch.bfloat16)
     flops = 2 * M * N * K
-    base = cuda_time_ms(lambda: a @ w.t())
-    rows = [{"bench": "forward GEMM", "provider": "bf16 matmul", "ms": base}]
+    text = f"{SHAPE.name} mlp c_fc: {M}x{K} @ {K}x{N}"
+    rows = [_timed("forward GEMM", "bf16 matmul", text, lambda: a @ w.t(), reps, flops, peak=peak)]
     for rowwise in (False, True):
         qa, sa = fp8.quantize(a, fp8.E4M3, -1 if rowwise else None)
         qw, sw = fp8.quantize(w, fp8.E4M3, -1 if rowwise else None)
         for backend, fn in (("scaled_mm", fp8.cublas_scaled_mm), ("triton", fp8.triton_scaled_mm)):
             name = f"fp8 {'rowwise' if rowwise else 'tensorwise'} {backend}"
-            try:
-                ms = cuda_time_ms(lambda fn=fn: fn(qa, qw.t(), sa, sw.t(), torch.bfloat16, True))
-            except Exception as e:  # noqa: BLE001
-                rows.append({"bench": "forward GEMM", "provider": name, "error": f"{type(e).__name__}: {e}"})
-                continue
-            rows.append({"bench": "forward GEMM", "provider": name, "ms": ms})
-    for r in rows:
-        if "ms" in r:
-            r["tflops"] = flops / r["ms"] / 1e9
-            r["speedup_vs_bf16"] = base / r["ms"]
-    return rows
+            rows.append(_timed("forward GEMM", name, text,
+                               lambda fn=fn, qa=qa, qw=qw, sa=sa, sw=sw: fn(qa, qw.t(), sa, sw.t(), torch.bfloat16,
+                                                                            True), reps, flops, peak=peak))
+    return _vs_first(rows, "bf16")
 
 
-def measure_quantize() -> list[dict]:
+def measure_quantize(reps: int, peak: dict) -> list[common.Row]:
     torch.manual_seed(0)
     x = torch.randn(M, K, device=DEVICE, dtype=torch.bfloat16)
+    text = f"{SHAPE.name} x {M}x{K} bf16"
     ref = torch.compile(fp8.reference_cast)
-    rows = []
-    for mode, main, trans, label in ((-1, True, True, "tensorwise + transposed"), (1, True, False, "rowwise"),
-                                     (0, False, True, "columnwise, transposed only")):
-        nbytes = x.numel() * x.element_size() + x.numel() * (int(main) + int(trans))
-        for name, fn in (("triton", fp8.triton_cast), ("torch.compile reference", ref)):
-            try:
-                ms = cuda_time_ms(lambda fn=fn: fn(x, fp8.E4M3, mode, mode != -1, main, trans))
-            except Exception as e:  # noqa: BLE001
-                rows.append({"bench": f"quantize {label}", "provider": name, "error": f"{type(e).__name__}: {e}"})
-                continue
-            rows.append({"bench": f"quantize {label}", "provider": name, "ms": ms, "gb_s": nbytes / ms / 1e6})
+    rows: list[common.Row] = []
+    for mode, main_, trans, label in ((-1, True, True, "tensorwise + transposed"), (1, True, False, "rowwise"),
+                                      (0, False, True, "columnwise, transposed only")):
+        nbytes = x.numel() * x.element_size() + x.numel() * (int(main_) + int(trans))
+        pair = [_timed(f"quantize {label}", name, text,
+                       lambda fn=fn, mode=mode, main_=main_, trans=trans: fn(x, fp8.E4M3, mode, mode != -1, main_,
+                                                                             trans), reps, nbytes=nbytes, peak=peak)
+                for name, fn in (("torch.compile reference", ref), ("triton", fp8.triton_cast))]
+        rows += _vs_first(pair, "compiled reference")
     nbytes = x.numel() * x.element_size() + 2 * x.numel()
     ref_dual = torch.compile(fp8.reference_cast_dual)
-    for name, fn in (("triton", fp8.triton_cast_dual), ("torch.compile reference", ref_dual)):
-        try:
-            ms = cuda_time_ms(lambda fn=fn: fn(x, fp8.E4M3, True))
-        except Exception as e:  # noqa: BLE001
-            rows.append({"bench": "quantize rows + cols (dual)", "provider": name, "error": f"{type(e).__name__}: {e}"})
-            continue
-        rows.append({"bench": "quantize rows + cols (dual)", "provider": name, "ms": ms, "gb_s": nbytes / ms / 1e6})
-    return rows
+    pair = [_timed("quantize rows + cols (dual)", name, text, lambda fn=fn: fn(x, fp8.E4M3, True), reps,
+                   nbytes=nbytes, peak=peak)
+            for name, fn in (("torch.compile reference", ref_dual), ("triton", fp8.triton_cast_dual))]
+    return rows + _vs_first(pair, "compiled reference")
 
 
-def to_rows(results: list[dict], copy_gbs: float | None = None) -> list:
-    """The measurements as common.Row records (RESULTS.md lines), with the speed-up over the bf16 peer
-    (linear, GEMM) or the percentage of the measured copy bandwidth (quantize)."""
-    import common
-
-    rows = []
-    for r in results:
-        if "error" in r:
-            continue
-        if "tflops" in r:
-            rows.append(common.Row(bench=f"fp8 {r['bench']}", case=f"x {M}x{K}, w {N}x{K}, bf16",
-                                   provider=r["provider"], time_ms=r["ms"], rate=r["tflops"], unit="TFLOP/s",
-                                   vs_peer=r["speedup_vs_bf16"], peer="bf16"))
-        else:
-            rows.append(common.Row(bench=f"fp8 {r['bench']}", case=f"x {M}x{K} bf16", provider=r["provider"],
-                                   time_ms=r["ms"], rate=r["gb_s"], unit="GB/s",
-                                   pct_of_limit=100 * r["gb_s"] / copy_gbs if copy_gbs else None))
-    return rows
-
-
-def main() -> int:
-    if not torch.cuda.is_available():
-        print("bench_fp8: skipped (needs a CUDA GPU)")
-        return 0
+def collect(quick: bool = False) -> list[common.Row]:
+    """Rows of the linear (fwd+bwd), the forward GEMM and the quantize kernels, each against its peer."""
+    common.require_cuda("the FP8 benchmark")
     why = fp8.fp8_available("cuda")
     if why is not None:
-        print(f"bench_fp8: skipped (needs an FP8 GPU; this is {why})")
-        return 0
-    import common
+        raise common.NeedsCUDA(f"the FP8 benchmark needs an FP8 GPU (sm89+): {why}")
+    peak = common.limits()
+    reps = 8 if quick else 20
+    return measure_linear(reps, peak) + measure_gemm(reps, peak) + measure_quantize(reps, peak)
 
-    results = measure_linear() + measure_gemm() + measure_quantize()
-    copy = common.copy_bandwidth_gbs()
-    print(" | ".join(f"{k}: {v}" for k, v in common.machine_info().items()) + f" | copy {copy:.0f} GB/s")
-    for r in results:
-        if "error" in r:
-            print(f"{r['bench']:<34} {r['provider']:<52} ERROR {r['error'][:200]}")
-            continue
-        extra = f"{r['tflops']:8.1f} TFLOP/s  x{r['speedup_vs_bf16']:.2f} vs bf16" if "tflops" in r \
-            else f"{r['gb_s']:8.0f} GB/s ({100 * r['gb_s'] / copy:.0f}% of copy)"
-        print(f"{r['bench']:<34} {r['provider']:<52} {r['ms']:8.3f} ms  {extra}")
-    for recipe, target in TARGETS.items():
-        best = max((r["speedup_vs_bf16"] for r in results if r["bench"] == "linear fwd+bwd"
-                    and r["provider"].startswith(f"fp8 {recipe}") and "speedup_vs_bf16" in r), default=0.0)
-        verdict = "MET" if best >= target else "NOT MET"
-        print(f"target {recipe}: fwd+bwd x{best:.2f} vs bf16 (target x{target}): {verdict}")
-    rows = [common.record(row) for row in to_rows(results, copy)]
-    print(common.MARKDOWN_HEADER)
-    for row in rows:
-        print(row.markdown())
-    out_dir = os.environ.get("OUT") or os.path.join(os.path.dirname(os.path.abspath(__file__)), "out")
-    common.save_json(rows, os.path.join(out_dir, "bench_fp8.json"))
-    with open(os.path.join(out_dir, "bench_fp8_raw.json"), "w") as f:
-        json.dump(results, f, indent=1)
-    return 0
+
+def main(argv: list[str] | None = None) -> int:
+    return common.main("fp8", collect, argv)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -229,6 +199,15 @@ def test_bench_quantize(benchmark, mode):
     x = torch.randn(M, K, device=DEVICE, dtype=torch.bfloat16)
     benchmark.extra_info.update(bytes=x.numel() * 4)
     _pedantic(benchmark, lambda: fp8.triton_cast(x, fp8.E4M3, mode, mode != -1, mode != 0, mode != 1))
+
+
+@needs_fp8_gpu
+@pytest.mark.gpu
+def test_bench_fp8_rows():
+    """The quick rows, recorded: every provider measured without an error."""
+    rows = [common.record(r) for r in collect(quick=True)]
+    print("\n" + common.table(rows))
+    assert all(r.status == "ok" for r in rows), [(r.provider, r.note) for r in rows if r.status != "ok"]
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ tail past a row, clipped to 8 rows), like web text. Reported: packed tokens per 
 the median time of a call), and the C++/Python ratio (the issue's target: >= 10x). A second case drains the
 whole buffer in one call (about 300 rows), where the Python packer's scan of every document per pick hurts most.
 
-Run:  python benchmarks/bench_packing.py              (a table and RESULTS.md rows)
+Run:  python benchmarks/bench_packing.py [--quick]    (rows to the results file, table to stdout)
       python -m pytest benchmarks/bench_packing.py     (pytest-benchmark)
 Inputs rotate among 8 buffers so a call does not find the previous call's data in cache.
 """
@@ -56,21 +56,40 @@ def packer(provider: str):
         return registry.select("packing", "cpu", torch.int32).fn
 
 
+def _row(provider: str, case: str, packed: float, seconds: float, note: str = "") -> common.Row:
+    """The row of one (provider, case): packed tokens/s, the C++ row with its ratio to the reference's."""
+    rate = packed * ROW_LEN / seconds
+    _rates[(provider, case)] = rate
+    peer = _rates.get(("reference", case))
+    return common.Row("packing", f"pack {case}", provider, f"T={ROW_LEN}, {BUFFER_DOCS} docs, {packed:.0f} rows/call",
+                      ms=seconds * 1e3, rate=rate / 1e6, unit="Mtok/s",
+                      vs_peer=rate / peer if provider != "reference" and peer else None,
+                      peer="Python reference" if provider != "reference" and peer else "", note=note)
+
+
 def measure(provider: str, case: str, quick: bool = False) -> common.Row:
-    """Median time of one call, as packed tokens/s; the C++ row carries its ratio to the reference."""
-    fn, rows, buffers = packer(provider), CASES[case], make_buffers()
+    """Median time of one call, as packed tokens/s (quick: 2 buffers and 3 timed calls, a smoke-sized run)."""
+    fn, rows, buffers = packer(provider), CASES[case], make_buffers(2 if quick else 8)
     packed = mean_rows(fn, buffers, rows)
     cycle = itertools.cycle(buffers)
     slow = provider == "reference"
     seconds = common.cpu_time_s(lambda: fn(*next(cycle), rows, ROW_LEN), warmup=1,
-                                repeats=8 if slow or quick else 50, min_time_s=0.0 if slow or quick else 1.0)
-    rate = packed * ROW_LEN / seconds
-    _rates[(provider, case)] = rate
-    peer = _rates.get(("reference", case))
-    return common.Row(bench="packing", case=f"T={ROW_LEN}, {BUFFER_DOCS} docs, {packed:.0f} rows/call ({case})",
-                      provider=provider, time_ms=seconds * 1e3, rate=rate / 1e6, unit="Mtok/s",
-                      vs_peer=rate / peer if provider != "reference" and peer else None,
-                      peer="Python reference" if provider != "reference" else "")
+                                repeats=3 if quick else 8 if slow else 50, min_time_s=0.0 if slow or quick else 1.0)
+    return _row(provider, case, packed, seconds, note=f"1 thread{', quick' if quick else ''}")
+
+
+def collect(quick: bool = False) -> list[common.Row]:
+    """Rows of every case and provider (the reference first, so the C++ rows carry their ratio)."""
+    torch.set_num_threads(1)
+    rows = []
+    for case in CASES:
+        for provider in PROVIDERS:
+            try:
+                rows.append(measure(provider, case, quick))
+            except registry.BackendUnavailable as e:
+                rows.append(common.Row("packing", f"pack {case}", provider, f"T={ROW_LEN}", status="skipped",
+                                       note=str(e)))
+    return rows
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -86,44 +105,15 @@ def test_packing_throughput(benchmark, provider, case):
     cycle = itertools.cycle(buffers)
     slow = provider == "reference"
     benchmark.pedantic(lambda: fn(*next(cycle), rows, ROW_LEN), rounds=8 if slow else 200, warmup_rounds=1)
-    seconds = benchmark.stats.stats.median
-    rate = packed * ROW_LEN / seconds
-    _rates[(provider, case)] = rate
-    benchmark.extra_info["packed_tokens_per_s"] = rate
-    peer = _rates.get(("reference", case))
-    row = common.Row(bench="packing", case=f"T={ROW_LEN}, {BUFFER_DOCS} docs, {packed:.0f} rows/call ({case})",
-                     provider=provider, time_ms=seconds * 1e3, rate=rate / 1e6, unit="Mtok/s",
-                     vs_peer=rate / peer if provider != "reference" and peer else None,
-                     peer="Python reference" if provider != "reference" else "")
+    row = common.record(_row(provider, case, packed, benchmark.stats.stats.median, note="pytest-benchmark"))
+    benchmark.extra_info["packed_tokens_per_s"] = row.rate * 1e6
     if row.vs_peer is not None:
         benchmark.extra_info["speedup_vs_reference"] = row.vs_peer
-    common.record(row)
 
 
-def main() -> None:
-    torch.set_num_threads(1)
-    info = common.machine_info()
-    rows = []
-    for case in CASES:
-        for provider in PROVIDERS:
-            try:
-                rows.append(measure(provider, case))
-            except registry.BackendUnavailable as e:
-                print(f"{provider}: skipped ({e})")
-    for r in rows:
-        r.machine = info
-    print(f"{'case':<12} {'provider':<10} {'ms/call':>10} {'Mtok/s':>10} {'vs Python':>10}")
-    for case in CASES:
-        for r in (r for r in rows if r.case.endswith(f"({case})")):
-            ratio = f"{r.vs_peer:.0f}x" if r.vs_peer else "-"
-            print(f"{case:<12} {r.provider:<10} {r.time_ms:>10.3f} {r.rate:>10.2f} {ratio:>10}")
-    print("\nRESULTS.md rows:")
-    print(common.MARKDOWN_HEADER)
-    for r in rows:
-        print(r.markdown())
-    if os.environ.get("OUT"):
-        common.save_json(rows, os.path.join(os.environ["OUT"], "bench_packing.json"))
+def main(argv: list[str] | None = None) -> int:
+    return common.main("packing", collect, argv)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

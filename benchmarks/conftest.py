@@ -3,9 +3,9 @@
 - puts this folder on sys.path so benchmarks `import common`;
 - collects bench_*.py when the folder is given (`pytest benchmarks`);
 - skips `gpu`-marked benchmarks where there is no CUDA device;
-- at the end prints every row recorded with common.record() as RESULTS.md lines, and writes them as JSON to
-  $OUT/bench_results.json when $OUT is set (the device machine), else to
-  benchmarks/.benchmarks/nanotrain_latest.json (ignored by git).
+- at the end prints every row recorded with common.record() as one table and as RESULTS.md lines; record() has
+  already appended each to the run's results file (common.results_path(): $NANOTRAIN_RESULTS, else
+  $OUT/results.jsonl on the device machine, else benchmarks/out/results.jsonl, ignored by git).
 """
 from __future__ import annotations
 
@@ -41,12 +41,10 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     rows = common.recorded()
     if not rows:
         return
-    terminalreporter.section("nanotrain benchmark rows (RESULTS.md format)")
+    terminalreporter.section("nanotrain benchmark rows")
+    terminalreporter.write_line(common.table(rows))
+    terminalreporter.write_line("")
     terminalreporter.write_line(common.MARKDOWN_HEADER)
     for row in rows:
         terminalreporter.write_line(row.markdown())
-    out = os.environ.get("OUT")
-    path = os.path.join(out, "bench_results.json") if out else \
-        os.path.join(HERE, ".benchmarks", "nanotrain_latest.json")
-    common.save_json(rows, path)
-    terminalreporter.write_line(f"saved {len(rows)} rows to {path}")
+    terminalreporter.write_line(f"{len(rows)} rows appended to {common.results_path()}")

@@ -15,6 +15,9 @@ way Triton's launcher specializes a real call, so the compiled code is the one a
 
 Needs TRITON_INTERPRET unset in the process (the interpreter replaces @triton.jit functions by Python
 ones that cannot be compiled). This module never imports nanotrain.
+
+It also holds `autotune_configs`, the one place where the kernels' autotune lists meet NANOTRAIN_AUTOTUNE
+(`first`: only each list's first config, the one these compiles check first; the GPU check's first call).
 """
 from __future__ import annotations
 
@@ -23,6 +26,28 @@ import re
 import shutil
 import subprocess
 import tempfile
+
+AUTOTUNE_ENV = "NANOTRAIN_AUTOTUNE"
+
+
+def autotune_configs(configs: list) -> list:
+    """The launch configs a kernel's autotuner may try: all of `configs`, or only the first one when
+    NANOTRAIN_AUTOTUNE=first (read when a kernel's autotuned wrapper is built, at its first launch).
+
+    Why: autotuning tries every config of every kernel at every new key; in a timed GPU session (the first
+    call of benchmarks/gpu_check.sh) that is minutes of compiles and benchmarks spent on tuning instead of
+    on checks. The first entry of each list is the one chosen to compile without spills (see each kernel's
+    list), so `first` keeps correctness checks meaningful while skipping the search. Any other value
+    raises ValueError naming the two accepted ones (this module never imports nanotrain, so not UserError).
+    """
+    mode = os.environ.get(AUTOTUNE_ENV, "all").strip().lower() or "all"
+    if mode == "all":
+        return list(configs)
+    if mode == "first":
+        return list(configs[:1])
+    raise ValueError(f"{AUTOTUNE_ENV}={mode!r} is not understood: set it to 'first' (one config per kernel) "
+                     "or 'all' (autotune over every config), or unset it.")
+
 
 # Per-block shared memory a kernel may use (cudaDevAttrMaxSharedMemoryPerBlockOptin).
 SHARED_LIMIT = {(9, 0): 232448, (8, 0): 166912, (8, 9): 101376, (8, 6): 101376}
@@ -118,12 +143,45 @@ def resource_usage(cubin: bytes) -> dict:
             "spill_stores": _spill_bytes(sass, "STL"), "spill_loads": _spill_bytes(sass, "LDL")}
 
 
-def compile_cases(compile_for, cases: list) -> list:
+def compile_cases(compile_for, cases: list, isolate: bool = True) -> list:
     """Compile each (capability, kernel, kwargs, label) case with `compile_for(kernel, capability, **kwargs)`.
 
-    One row per case: [capability, kernel, label, shared bytes, spill bytes, uses wgmma], or the
-    traceback's tail in place of the shared bytes (and None, None) when the compile fails.
+    One row per case, in the order of `cases`: [capability, kernel, label, shared bytes, spill bytes, uses wgmma],
+    or the traceback's tail in place of the shared bytes (and None, None) when the compile fails.
+
+    isolate (default): each capability's cases compile in a fresh process (spawned; `compile_for` must be a
+    module-level function). Why: Triton 3.6 (the GPU image's) keeps process-wide state from the first target that
+    lowers an fp8 conversion: after an sm_89 compile of the e5m2 cast, an sm_80 compile of it emitted sm_89-only
+    `cvt ... e5m2x2` instructions and ptxas refused it, and in the other order sm_89 lost its hardware conversion
+    (the GPU rehearsal, benchmarks/gpu_rehearsal.sh, found it; Triton 3.8 is order-independent). A compile's
+    result must not depend on what was compiled before it in the same process.
     """
+    if not isolate:
+        return _compile_cases_here(compile_for, cases)
+    import concurrent.futures
+    import multiprocessing
+
+    by_capability: dict[tuple, list[int]] = {}
+    for i, case in enumerate(cases):
+        by_capability.setdefault(tuple(case[0]), []).append(i)
+    rows: list = [None] * len(cases)
+    ctx = multiprocessing.get_context("spawn")
+    for indices in by_capability.values():
+        with concurrent.futures.ProcessPoolExecutor(max_workers=1, mp_context=ctx) as pool:
+            got = pool.submit(_compile_cases_in_child, compile_for.__module__, compile_for.__qualname__,
+                              [cases[i] for i in indices]).result()
+        for i, row in zip(indices, got):
+            rows[i] = row
+    return rows
+
+
+def _compile_cases_in_child(module: str, name: str, cases: list) -> list:
+    import importlib
+
+    return _compile_cases_here(getattr(importlib.import_module(module), name), cases)
+
+
+def _compile_cases_here(compile_for, cases: list) -> list:
     import traceback
 
     rows = []

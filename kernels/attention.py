@@ -502,7 +502,9 @@ def _tuned(kind: str, generation: str):
     for bm, bn, warps, stages in _GPU_CONFIGS[generation][kind]:
         meta = {"BLOCK_N": bn} if kind == "decode" else {"BLOCK_M": bm, "BLOCK_N": bn}
         configs.append(triton.Config(meta, num_warps=warps, num_stages=stages))
-    return triton.autotune(configs=configs, key=_TUNE_KEYS[kind])(_KERNELS[kind])
+    from ._compile import autotune_configs  # NANOTRAIN_AUTOTUNE=first: one config (the GPU check's first call)
+
+    return triton.autotune(configs=autotune_configs(configs), key=_TUNE_KEYS[kind])(_KERNELS[kind])
 
 
 def _launch(kind: str, device: torch.device, grid_rows: int, grid_cols: int, *args, grid_z: int = 1,

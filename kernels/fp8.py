@@ -315,7 +315,9 @@ def gpu_configs(capability: tuple[int, int], fast_accum: bool = True) -> list[tr
 
 @functools.lru_cache(maxsize=None)
 def _fp8_matmul_tuned(hopper: bool, fast_accum: bool):
-    return triton.autotune(configs=gpu_configs((9, 0) if hopper else (8, 9), fast_accum),
+    from ._compile import autotune_configs  # NANOTRAIN_AUTOTUNE=first: one config (the GPU check's first call)
+
+    return triton.autotune(configs=autotune_configs(gpu_configs((9, 0) if hopper else (8, 9), fast_accum)),
                            key=["M", "N", "K", "stride_sa", "stride_sb"])(_fp8_matmul_kernel)
 
 

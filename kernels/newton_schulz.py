@@ -189,10 +189,13 @@ def _axpby_configs(capability: tuple[int, int]) -> list[triton.Config]:
 @functools.lru_cache(maxsize=None)
 def _tuned(kernel_name: str, capability: tuple[int, int]):
     """The autotuned wrapper of a matrix kernel for one GPU architecture family."""
+    from ._compile import autotune_configs  # NANOTRAIN_AUTOTUNE=first: one config (the GPU check's first call)
+
     if kernel_name == "sym":
-        return triton.autotune(configs=_sym_configs(capability), key=["M", "K", "HAS_Z", "HAS_I"])(
+        return triton.autotune(configs=autotune_configs(_sym_configs(capability)), key=["M", "K", "HAS_Z", "HAS_I"])(
             _sym_matmul_kernel)
-    return triton.autotune(configs=_axpby_configs(capability), key=["M", "N", "ADD_X"])(_axpby_matmul_kernel)
+    return triton.autotune(configs=autotune_configs(_axpby_configs(capability)), key=["M", "N", "ADD_X"])(
+        _axpby_matmul_kernel)
 
 
 def _capability(t: torch.Tensor) -> tuple[int, int]:
