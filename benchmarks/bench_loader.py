@@ -69,3 +69,113 @@ def test_loader_tokens_per_second(benchmark, corpus, backend):
           f"B={B}, T={T}, vocab {tok.vocab_size}, cropped {loader.cropped_fraction:.1%}); "
           f"first batch (buffer fill) {first:.2f}s")
     assert loader.tokens_consumed >= tokens
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Before/after the prefetching, re-shardable loader (issue 15 part 4), in one run on this machine:
+#     python benchmarks/bench_loader.py [--rounds 5]
+# "before" is the loader of BEFORE_COMMIT (synchronous, one stream per rank), loaded from git; "after" is this
+# checkout's loader with its prefetch thread, and "after, prefetch=0" the same loader without the thread (the cost
+# of the 48 streams alone). Variants alternate within each round (the machine is shared: medians of rounds).
+# Loader alone: tokens/s of B x T rows drawn back to back. Training: tokens/s of CPU steps of a d2 model at
+# T=256 (forward, backward, optimizer), the batch drawn from the loader inside the timed step.
+
+BEFORE_COMMIT = "0606711"  # the last commit with the synchronous loader
+
+
+def _old_loader_class():
+    import importlib.util
+    import subprocess
+    import tempfile
+
+    src = subprocess.run(["git", "show", f"{BEFORE_COMMIT}:nanotrain/data/loader.py"], cwd=common.ROOT,
+                         capture_output=True, text=True, check=True).stdout
+    path = os.path.join(tempfile.mkdtemp(), "loader_before.py")
+    with open(path, "w") as f:
+        f.write(src)
+    spec = importlib.util.spec_from_file_location("loader_before", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.DataLoader
+
+
+def _variants():
+    old = _old_loader_class()
+    return {"before (sync)": lambda *a, **k: old(*a, **k),
+            "after, prefetch=0": lambda *a, **k: DataLoader(*a, **k, prefetch=0),
+            "after, prefetch=3": lambda *a, **k: DataLoader(*a, **k, prefetch=3)}
+
+
+def before_after(rounds: int = 5, vocab: int = 8192) -> list:
+    import statistics
+    import tempfile
+
+    from nanotrain.model import GPTConfig, build_model
+    from nanotrain.optim import build_optimizer
+
+    torch.manual_seed(0)
+    base = tempfile.mkdtemp(prefix="bench_loader_")
+    docs, _ = make_sample(6_000_000, log=lambda m: None)
+    S.write_shards(docs, base, 2000, {"source": "sample"})
+    tok = train_tokenizer(S.iter_documents("train", base, doc_cap=10_000), vocab)
+    threads = os.cpu_count() or 1
+    variants = _variants()
+    loader_B, loader_T, loader_batches = 8, 2048, 10
+    step_B, step_T, steps = 8, 256, 6
+    cfg = GPTConfig(sequence_len=step_T, vocab_size=tok.vocab_size, n_layer=2, n_head=2, n_kv_head=2, n_embd=128,
+                    window_pattern="L")
+    results: dict[str, dict[str, list[float]]] = {name: {"loader": [], "train": []} for name in variants}
+    cropped: dict[str, float] = {}
+    for _ in range(rounds):
+        for name, make in variants.items():
+            ld = make(tok, loader_B, loader_T, base_dir=base, tokenizer_threads=threads)
+            next(ld)  # the buffers fill: not timed
+            t0 = time.perf_counter()
+            for _ in range(loader_batches):
+                next(ld)
+            results[name]["loader"].append(loader_B * loader_T * loader_batches / (time.perf_counter() - t0))
+            cropped[name] = ld.cropped_fraction
+            getattr(ld, "close", lambda: None)()
+        for name, make in variants.items():
+            model = build_model(cfg, torch.device("cpu"))
+            opt = build_optimizer(model, embedding_lr=0.3, unembedding_lr=0.004, matrix_lr=0.02, scalar_lr=0.5,
+                                  weight_decay=0.0, adam_betas=(0.8, 0.95), sharded=False)
+            ld = make(tok, step_B, step_T, base_dir=base, tokenizer_threads=threads)
+            x, y = next(ld)
+            model(x, y).backward()  # warm-up step (allocations, buffer fill)
+            opt.step()
+            model.zero_grad(set_to_none=True)
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                x, y = next(ld)
+                model(x, y).backward()
+                opt.step()
+                model.zero_grad(set_to_none=True)
+            results[name]["train"].append(step_B * step_T * steps / (time.perf_counter() - t0))
+            getattr(ld, "close", lambda: None)()
+    rows = []
+    for name, r in results.items():
+        for kind, case in (("loader", f"loader alone, B={loader_B}, T={loader_T}, vocab {tok.vocab_size}, sample "
+                                      "corpus, tokenization included"),
+                           ("train", f"d2 (n_embd 128) CPU training step, B={step_B}, T={step_T}, batch drawn in the "
+                                     "step")):
+            rate = statistics.median(r[kind])
+            n = loader_B * loader_T if kind == "loader" else step_B * step_T
+            rows.append(common.record(common.Row(
+                bench="loader" if kind == "loader" else "train step", case=case, provider=name,
+                time_ms=n / rate * 1e3, rate=rate / 1e3, unit="ktok/s",
+                note=f"median of {rounds} interleaved rounds (min {min(r[kind]) / 1e3:.0f}, max "
+                     f"{max(r[kind]) / 1e3:.0f}); {threads} CPUs shared with other jobs"
+                     + (f"; cropped {cropped[name]:.1%}" if kind == "loader" else ""))))
+    return rows
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--vocab", type=int, default=8192)
+    args = parser.parse_args()
+    for row in before_after(args.rounds, args.vocab):
+        print(row.markdown())

@@ -207,10 +207,22 @@ def train(cfg: TrainConfig) -> LoopState:
     ckpt = None
     if resuming:
         saved_meta = checkpoint.read_meta(ckpt_dir, resume_step)
-        for note in checkpoint.check_resume_compatible(saved_meta, meta):
+        # the world size may change (the optimizer and the data stream re-shard): check_same_world_size rules on it
+        for note in checkpoint.check_resume_compatible(saved_meta, dict(meta, world_size=None)):
             mon.warn(f"resuming with a change: {note}")
-        check_same_world_size(saved_meta, rt)
-        ckpt = checkpoint.load_checkpoint(ckpt_dir, resume_step, rank=rt.rank, device=rt.device)
+        saved_world = saved_meta.get("world_size", 1)
+        ckpt = checkpoint.load_checkpoint(ckpt_dir, resume_step, rank=rt.rank, device=rt.device,
+                                          load_optim=saved_world == rt.world_size)
+        if saved_world != rt.world_size:  # every saved rank's states, merged; each rank takes its part below
+            from nanotrain.data.loader import merge_loader_states
+            from nanotrain.optim import merge_optimizer_shards
+            rank_states, optim_states = checkpoint.load_rank_files(ckpt_dir, resume_step, device=rt.device)
+            merged_loader = merge_loader_states([s["loader"] for s in rank_states])
+            check_same_world_size(saved_meta, rt, merged_loader["num_streams"])
+            ckpt.optim_state = merge_optimizer_shards(optim_states)
+            ckpt.rank_state = dict(rank_states[rt.rank % saved_world], loader=merged_loader)
+            del rank_states, optim_states
+            mon.print(f"Re-sharding the checkpoint of {saved_world} process(es) onto {rt.world_size}")
         model.load_state_dict(ckpt.model_state, strict=True)
         mon.print(f"Resuming from step {ckpt.step} ({ckpt.path})")
 
@@ -240,7 +252,7 @@ def train(cfg: TrainConfig) -> LoopState:
         for group, own in zip(optimizer.param_groups, settings, strict=True):
             group.update(own)
         state = LoopState(**ckpt.meta["loop_state"])
-        loader_state, batch = ckpt.rank_state["loader"], ckpt.rank_state["batch"]
+        loader_state = ckpt.rank_state["loader"]  # the position before the next step's batch: drawn again below
         checkpoint.restore_rng_state(ckpt.rank_state["rng"])
         del ckpt
 
@@ -274,7 +286,7 @@ def train(cfg: TrainConfig) -> LoopState:
     train_iter = iter(train_loader)
     # the batch the next step trains on: drawn now, or the one a checkpoint held back for exactly this step
     x, y = next(train_iter) if batch is None else (batch["x"].to(rt.device), batch["y"].to(rt.device))
-    start_state = train_loader.state_dict()  # the stream just after (x, y): an out-of-memory restart goes on from here
+    start_state = train_loader.state_dict()  # the stream before (x, y): an out-of-memory restart redraws it
 
     with StopSignals() as stop:
         while True:
@@ -467,15 +479,16 @@ def run_meta(cfg, rt, model_config, tokenizer, data_fp: str, plan) -> dict:
             "plan": asdict(plan), "optim_sharded": rt.distributed}
 
 
-def check_same_world_size(saved_meta: dict, rt: Runtime) -> None:
-    """Refuse a resume on another number of processes: each rank's data-loader position (and, when sharded,
-    its optimizer shard) belongs to its rank. (The optimizer alone could re-shard: optim.merge_optimizer_shards.)"""
+def check_same_world_size(saved_meta: dict, rt: Runtime, num_streams: int) -> None:
+    """A resume may use another number of processes when it divides the run's `num_streams` virtual data streams
+    (the global data stream and the optimizer state re-shard exactly); refuse any other count."""
+    from nanotrain.data.loader import valid_world_sizes
+
     saved = saved_meta.get("world_size", 1)
-    if saved != rt.world_size:
-        launch = f"torchrun --nproc_per_node={saved} -m nanotrain" if saved > 1 else "nanotrain (one process)"
-        raise UserError(f"cannot resume: the checkpoint was written by {saved} process(es) and this run has "
-                        f"{rt.world_size}, and each rank's data-loader position belongs to its rank; relaunch "
-                        f"with {saved} (e.g. {launch}), or start a new run under another --model-tag")
+    if saved != rt.world_size and num_streams % rt.world_size:
+        raise UserError(f"cannot resume: the checkpoint's data stream is cut into {num_streams} streams, which "
+                        f"{rt.world_size} processes cannot share evenly; relaunch with one of "
+                        f"{', '.join(map(str, valid_world_sizes(num_streams)))} processes")
 
 
 def save(ckpt_dir, cfg, rt, model, optimizer, train_loader, batch, state: LoopState, meta: dict):
@@ -559,9 +572,10 @@ OPTIMIZER_OOM = ("out of memory allocating the optimizer state at the first step
 def handle_first_step_oom(cfg, rt, model, device_batch_size, grad_accum, x, y, make_train_loader, start_state, mon):
     """Out of memory on the first step: with --oom-auto-batch lower the device batch to its largest divisor up to
     half (raising the accumulation so the total batch is unchanged) and go on; otherwise say which batch fits and
-    stop. (x, y) is the step's first batch and start_state the loader's state just after it: the step trains on
-    that batch cut into smaller micro-batches, then the stream goes on from there (nothing repeated or skipped,
-    on a resume too). Call it outside the `except` block, whose traceback holds the failed step's tensors."""
+    stop. (x, y) is the step's first batch and start_state the loader's state just before it: the step trains on
+    that batch cut into smaller micro-batches (the loader redraws its rows new_bs at a time), then the stream goes
+    on (nothing repeated or skipped, on a resume too). Call it outside the `except` block, whose traceback holds
+    the failed step's tensors."""
     model.zero_grad(set_to_none=True)
     gc.collect()
     torch.cuda.empty_cache()
@@ -577,8 +591,8 @@ def handle_first_step_oom(cfg, rt, model, device_batch_size, grad_accum, x, y, m
     factor = device_batch_size // new_bs
     mon.warn(f"out of memory at --device-batch-size={device_batch_size}: lowering it to {new_bs} and raising "
              f"gradient accumulation from {grad_accum} to {grad_accum * factor} (the total batch is unchanged)")
-    loader = make_train_loader(new_bs, start_state)
-    it = itertools.chain(zip(x.split(new_bs), y.split(new_bs)), loader)
+    loader = make_train_loader(new_bs, start_state)  # the position before (x, y): x's rows come again, new_bs a time
+    it = iter(loader)
     x, y = next(it)
     return new_bs, grad_accum * factor, loader, it, x, y
 
