@@ -489,6 +489,9 @@ class DataLoader:
     def load_state_dict(self, sd: dict) -> None:
         """Continue from a state_dict() of this rank, or from merge_loader_states() of every saved rank (see the
         module doc for what must match)."""
+        if getattr(self, "_thread", None) is not None:
+            raise RuntimeError("load_state_dict on a DataLoader whose prefetch thread runs; build a new DataLoader "
+                               "with state=...")
         if sd.get("version") != STATE_VERSION:
             raise UserError(f"data loader state version {sd.get('version')} is not supported (expected "
                             f"{STATE_VERSION}); start the data stream fresh")
