@@ -95,6 +95,7 @@ def _old_loader_class():
         f.write(src)
     spec = importlib.util.spec_from_file_location("loader_before", path)
     module = importlib.util.module_from_spec(spec)
+    sys.modules["loader_before"] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module.DataLoader
 
@@ -114,12 +115,12 @@ def before_after(rounds: int = 5, vocab: int = 8192) -> list:
     from nanotrain.optim import build_optimizer
 
     torch.manual_seed(0)
+    variants = _variants()
     base = tempfile.mkdtemp(prefix="bench_loader_")
     docs, _ = make_sample(6_000_000, log=lambda m: None)
     S.write_shards(docs, base, 2000, {"source": "sample"})
     tok = train_tokenizer(S.iter_documents("train", base, doc_cap=10_000), vocab)
     threads = os.cpu_count() or 1
-    variants = _variants()
     loader_B, loader_T, loader_batches = 8, 2048, 10
     step_B, step_T, steps = 8, 256, 6
     cfg = GPTConfig(sequence_len=step_T, vocab_size=tok.vocab_size, n_layer=2, n_head=2, n_kv_head=2, n_embd=128,
