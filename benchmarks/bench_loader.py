@@ -22,7 +22,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
 
 from nanotrain.data import shards as S  # noqa: E402
-from nanotrain.data.loader import DataLoader  # noqa: E402
+from nanotrain.data.loader import DEFAULT_TRAIN_STREAMS, DataLoader  # noqa: E402
 from nanotrain.data.sample import make_sample  # noqa: E402
 from nanotrain.data.tokenizer import train_tokenizer  # noqa: E402
 from nanotrain.ops import registry  # noqa: E402
@@ -77,6 +77,7 @@ def test_loader_tokens_per_second(benchmark, corpus, backend):
 # "before" is the loader of BEFORE_COMMIT (synchronous, one stream per rank), loaded from git; "after" is this
 # checkout's loader with its prefetch thread, and "after, prefetch=0" the same loader without the thread (the cost
 # of the 48 streams alone). Variants alternate within each round (the machine is shared: medians of rounds).
+# Each loader first draws enough batches to fill every stream's buffer (untimed), so rates are steady-state.
 # Loader alone: tokens/s of B x T rows drawn back to back. Training: tokens/s of CPU steps of a d2 model at
 # T=256 (forward, backward, optimizer), the batch drawn from the loader inside the timed step.
 
@@ -122,7 +123,10 @@ def before_after(rounds: int = 5, vocab: int = 8192) -> list:
     tok = train_tokenizer(S.iter_documents("train", base, doc_cap=10_000), vocab)
     threads = os.cpu_count() or 1
     loader_B, loader_T, loader_batches = 8, 2048, 10
-    step_B, step_T, steps = 8, 256, 6
+    step_B, step_T, steps = 8, 256, 5
+
+    def warm_batches(B: int) -> int:  # enough batches to touch (and fill) each of the 48 streams once
+        return -(-DEFAULT_TRAIN_STREAMS // B) + 1
     cfg = GPTConfig(sequence_len=step_T, vocab_size=tok.vocab_size, n_layer=2, n_head=2, n_kv_head=2, n_embd=128,
                     window_pattern="L")
     results: dict[str, dict[str, list[float]]] = {name: {"loader": [], "train": []} for name in variants}
@@ -130,7 +134,8 @@ def before_after(rounds: int = 5, vocab: int = 8192) -> list:
     for _ in range(rounds):
         for name, make in variants.items():
             ld = make(tok, loader_B, loader_T, base_dir=base, tokenizer_threads=threads)
-            next(ld)  # the buffers fill: not timed
+            for _ in range(warm_batches(loader_B)):  # every stream's buffer fills: not timed
+                next(ld)
             t0 = time.perf_counter()
             for _ in range(loader_batches):
                 next(ld)
@@ -142,10 +147,12 @@ def before_after(rounds: int = 5, vocab: int = 8192) -> list:
             opt = build_optimizer(model, embedding_lr=0.3, unembedding_lr=0.004, matrix_lr=0.02, scalar_lr=0.5,
                                   weight_decay=0.0, adam_betas=(0.8, 0.95), sharded=False)
             ld = make(tok, step_B, step_T, base_dir=base, tokenizer_threads=threads)
-            x, y = next(ld)
-            model(x, y).backward()  # warm-up step (allocations, buffer fill)
-            opt.step()
-            model.zero_grad(set_to_none=True)
+            for _ in range(warm_batches(step_B)):
+                x, y = next(ld)
+            for _ in range(2):  # warm-up steps (allocations)
+                model(x, y).backward()
+                opt.step()
+                model.zero_grad(set_to_none=True)
             t0 = time.perf_counter()
             for _ in range(steps):
                 x, y = next(ld)
@@ -165,8 +172,8 @@ def before_after(rounds: int = 5, vocab: int = 8192) -> list:
             rows.append(common.record(common.Row(
                 bench="loader" if kind == "loader" else "train step", case=case, provider=name,
                 time_ms=n / rate * 1e3, rate=rate / 1e3, unit="ktok/s",
-                note=f"median of {rounds} interleaved rounds (min {min(r[kind]) / 1e3:.0f}, max "
-                     f"{max(r[kind]) / 1e3:.0f}); {threads} CPUs shared with other jobs"
+                note=f"median of {rounds} interleaved rounds (min {min(r[kind]) / 1e3:.3g}, max "
+                     f"{max(r[kind]) / 1e3:.3g} ktok/s); {threads} CPUs shared with other jobs"
                      + (f"; cropped {cropped[name]:.1%}" if kind == "loader" else ""))))
     return rows
 
