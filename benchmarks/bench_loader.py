@@ -122,7 +122,7 @@ def before_after(rounds: int = 5, vocab: int = 8192) -> list:
     S.write_shards(docs, base, 2000, {"source": "sample"})
     tok = train_tokenizer(S.iter_documents("train", base, doc_cap=10_000), vocab)
     threads = os.cpu_count() or 1
-    loader_B, loader_T, loader_batches = 8, 2048, 10
+    loader_B, loader_T, loader_batches = 8, 2048, 150  # 1200 rows: each stream packs 8 rows at a time, 3+ times
     step_B, step_T, steps = 8, 256, 5
 
     def warm_batches(B: int) -> int:  # enough batches to touch (and fill) each of the 48 streams once
