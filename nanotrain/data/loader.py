@@ -26,10 +26,11 @@ The train split loops forever (each stream counts its own passes: `epoch` is the
 rank's streams). The val split makes one pass and then raises StopIteration (the last, incomplete
 batch is dropped), so each evaluation builds a fresh loader; pass loop=True to cycle it instead.
 
-Prefetching. With `prefetch` > 0 (default 3) a daemon thread reads, tokenizes and packs the next
-batches into a queue of that many while the caller trains; each queued batch carries the position
-before it. `state_dict()` is the position BEFORE the batch last yielded (before any, the start), so a
-loader built from it yields that batch again first: a checkpoint holds loader state only. An error in
+Prefetching. With `prefetch` > 0 (default: 3 when the batches go to an accelerator, 0 for a CPU run,
+whose step already keeps every core busy) a daemon thread reads, tokenizes and packs the next batches
+into a queue of that many while the caller trains; each queued batch carries the position before it.
+`state_dict()` is the position BEFORE the batch last yielded (before any, the start), so a loader
+built from it yields that batch again first: a checkpoint holds loader state only. An error in
 the thread (a corrupt shard's UserError, say) is raised by the `next()` that would have returned the
 batch it was making, with its own message. `close()` (also on garbage collection) stops the thread.
 
@@ -62,6 +63,9 @@ STATE_VERSION = 2
 DEFAULT_TRAIN_STREAMS = 48  # divisible by 1, 2, 3, 4, 6, 8, 12, 16, 24, 48
 ROWS_PER_PACK = 8  # rows a stream packs per packer call (part of the stream's definition: never change per run)
 _OPEN_SHARDS = 4  # parquet files kept open by a loader
+# Batches the prefetch thread keeps ready when the step runs on an accelerator. On the CPU the step already uses
+# every core, so a thread would only compete with it: there the default is 0 (see benchmarks/RESULTS.md, issue 15).
+DEFAULT_PREFETCH = 3
 
 
 @dataclass(frozen=True)
@@ -308,13 +312,15 @@ class DataLoader:
                  device: torch.device | str = "cpu", *, base_dir: str | os.PathLike | None = None, rank: int = 0,
                  world_size: int = 1, buffer_size: int = 256, state: dict | None = None, skip_corrupt: bool = False,
                  loop: bool | None = None, tokenizer_threads: int = 8, num_streams: int | None = None,
-                 prefetch: int = 3):
+                 prefetch: int | None = None):
         if batch_size < 1 or seq_len < 1:
             raise UserError(f"batch size and sequence length must be >= 1, got {batch_size} and {seq_len}")
         if world_size < 1 or not 0 <= rank < world_size:
             raise UserError(f"rank {rank} is outside a world of {world_size} process(es)")
         if buffer_size < 1:
             raise UserError(f"buffer_size must be >= 1, got {buffer_size}")
+        if prefetch is None:
+            prefetch = 0 if torch.device(device).type == "cpu" else DEFAULT_PREFETCH
         if prefetch < 0:
             raise UserError(f"prefetch must be >= 0 batches, got {prefetch}")
         if state is not None and num_streams is None:

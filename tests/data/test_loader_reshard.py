@@ -168,6 +168,12 @@ def test_an_error_in_the_thread_is_raised_with_its_message(kw, monkeypatch):
         next(ld)
 
 
+def test_no_thread_by_default_on_the_cpu(kw):
+    ld = DataLoader(**kw, batch_size=2)  # a CPU step keeps every core busy: a thread would only compete with it
+    next(ld)
+    assert ld.prefetch == 0 and ld._thread is None
+
+
 def test_the_thread_stops_on_close_and_when_the_loader_is_dropped(kw):
     ld = DataLoader(**kw, batch_size=2, prefetch=2)
     next(ld)
