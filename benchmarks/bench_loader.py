@@ -4,7 +4,8 @@
 
 The corpus is the offline sample (`nanotrain-data sample`, 6 MB of installed documentation) with a
 tokenizer trained on it (vocab 32768 by default), both made once in a temporary directory. The
-loader runs in its steady state: after the first batch (which fills the buffer and is timed apart),
+loader runs in its steady state: after the first batch (which fills the buffers of the streams it draws from
+and is timed apart) and a warm-up round (which fills the other streams' buffers),
 each round draws NUM_BATCHES batches of B x 2048, and every document consumed is replaced by one
 read from parquet and tokenized inside the timed region. The figure is tokens/s of packed rows
 (B * T per batch), reported per packing backend. Set NANOTRAIN_BENCH_VOCAB to change the vocabulary.
@@ -48,7 +49,7 @@ def test_loader_tokens_per_second(benchmark, corpus, backend):
     with registry.forced(packing=backend):
         loader = DataLoader(tok, B, T, base_dir=base, tokenizer_threads=os.cpu_count() or 1)
         t0 = time.perf_counter()
-        next(loader)  # the first batch fills the buffer (buffer_size documents): timed apart
+        next(loader)  # the first batch fills its streams' buffers (buffer_size documents each): timed apart
         first = time.perf_counter() - t0
 
         def run():
