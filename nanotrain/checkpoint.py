@@ -763,6 +763,23 @@ def load_checkpoint(ckpt_dir: str | os.PathLike, step: int | str = "latest", ran
                       path=step_dir)
 
 
+def load_rank_files(ckpt_dir: str | os.PathLike, step: int,
+                    device="cpu") -> tuple[list[dict | None], list[dict | None]]:
+    """(rank_state, optim_state) of EVERY rank that wrote a checkpoint, each verified against CHECKSUMS (None
+    where a rank saved none): what a resume on another number of processes merges and re-shards."""
+    ckpt_dir = Path(ckpt_dir)
+    n = resolve_step(ckpt_dir, step)
+    world = read_meta(ckpt_dir, n)["world_size"]
+    sums = _read_checksums(ckpt_dir / step_dir_name(n))
+    if sums is None:
+        raise UserError(f"checkpoint {ckpt_dir / step_dir_name(n)} disappeared while loading; try again")
+    ranks = [_load_torch(ckpt_dir, n, sums, f"rank{r}.pt", "cpu") if f"rank{r}.pt" in sums else None
+             for r in range(world)]
+    optims = [_load_torch(ckpt_dir, n, sums, f"optim_rank{r}.pt", device) if f"optim_rank{r}.pt" in sums else None
+              for r in range(world)]
+    return ranks, optims
+
+
 # ----------------------------------------------------------------------------------------------- RNG state
 def capture_rng_state() -> dict:
     """The state of every random generator a training step may draw from: torch CPU, CUDA (current device,
@@ -800,5 +817,5 @@ def restore_rng_state(state: dict) -> None:
 
 
 __all__ = ["Checkpoint", "DiskFull", "capture_rng_state", "clean_stale", "code_version", "jsonable", "latest_step",
-           "list_steps", "load_checkpoint", "prune", "read_meta", "resolve_step", "restore_rng_state",
-           "save_checkpoint", "step_dir_name"]
+           "list_steps", "load_checkpoint", "load_rank_files", "prune", "read_meta", "resolve_step",
+           "restore_rng_state", "save_checkpoint", "step_dir_name"]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from nanotrain.checkpoint import jsonable
 from nanotrain.config import MUST_MATCH, NOTED, resume_rules
+from nanotrain.data.loader import valid_world_sizes
 from nanotrain.errors import UserError
 
 
@@ -25,10 +26,10 @@ def _changed(saved: dict, new: dict, options: list[str]) -> list[str]:
 def check_resume_compatible(saved_meta: dict, new_meta: dict) -> list[str]:
     """Refuse (UserError) a resume that cannot continue the run; return notes on deliberate changes.
 
-    Refused: a different model shape (model_config), tokenizer fingerprint or data fingerprint; a different
-    world size when the optimizer state is sharded (each rank holds a slice that only that rank count can
-    use); any change of an option whose resume rule is MUST_MATCH (its `why` says what it would change). A key
-    missing (or None) on either side is not compared, so partial metas still resume. Changes of NOTED options
+    Refused: a different model shape (model_config), tokenizer fingerprint or data fingerprint; a world size
+    the run cannot re-shard onto (check_world_size); any change of an option whose resume rule is MUST_MATCH
+    (its `why` says what it would change). A key missing (or None) on either side is not compared, so partial
+    metas still resume. Changes of NOTED options
     (horizon, LRs) are allowed and returned as one note each; FREE options (cadences, names) pass silently.
     """
     saved, new = jsonable(saved_meta), jsonable(new_meta)
@@ -55,10 +56,8 @@ def check_resume_compatible(saved_meta: dict, new_meta: dict) -> list[str]:
                             "another --model-tag")
 
     s_world, n_world = saved.get("world_size"), new.get("world_size")
-    if s_world is not None and n_world is not None and s_world != n_world and saved.get("optim_sharded"):
-        raise UserError(f"cannot resume: the checkpoint was written by {s_world} processes with a sharded optimizer "
-                        f"state and this run has {n_world}; relaunch with {s_world} processes (e.g. torchrun "
-                        f"--nproc_per_node={s_world}), or start a new run under another --model-tag")
+    if s_world is not None and n_world is not None and s_world != n_world and not saved.get("weights_only"):
+        check_world_size(s_world, n_world, saved.get("data_streams"), bool(saved.get("optim_sharded")))
 
     changed = _changed(s_train, n_train, must_match)
     if changed:
@@ -70,4 +69,21 @@ def check_resume_compatible(saved_meta: dict, new_meta: dict) -> list[str]:
     return [f"{_flag(k)} changed from {s_train[k]!r} to {n_train[k]!r} ({rules[k][1]})" for k in noted]
 
 
-__all__ = ["check_resume_compatible"]
+def check_world_size(saved: int, new: int, data_streams: int | None, optim_sharded: bool) -> None:
+    """A run resumes on another number of processes when that number divides its `data_streams` virtual data
+    streams: the global token stream and the optimizer state then re-shard exactly (data/loader.py,
+    optim.merge_optimizer_shards). A checkpoint without `data_streams` predates the re-shardable loader: each of
+    its ranks' loader positions (and optimizer slices, when sharded) belongs to that rank, so it resumes only on
+    the process count that wrote it."""
+    if data_streams is None:
+        sharded = " with a sharded optimizer state" if optim_sharded else ""
+        raise UserError(f"cannot resume: the checkpoint was written by {saved} processes{sharded} and this run has "
+                        f"{new}; relaunch with {saved} processes (e.g. torchrun --nproc_per_node={saved}), or start "
+                        "a new run under another --model-tag")
+    if data_streams % new:
+        raise UserError(f"cannot resume: the checkpoint's data stream is cut into {data_streams} streams, which "
+                        f"{new} processes cannot share evenly; relaunch with one of "
+                        f"{', '.join(map(str, valid_world_sizes(data_streams)))} processes")
+
+
+__all__ = ["check_resume_compatible", "check_world_size"]

@@ -34,7 +34,7 @@ from torch import Tensor
 from nanotrain import __version__, checkpoint, distributed, scaling
 from nanotrain import model as gpt
 from nanotrain.config import TrainConfig, parse_args
-from nanotrain.data.loader import DataLoader
+from nanotrain.data.loader import DEFAULT_TRAIN_STREAMS, DataLoader, merge_loader_states
 from nanotrain.data.shards import data_fingerprint
 from nanotrain.data.tokenizer import Tokenizer, load_tokenizer
 from nanotrain.distributed import Runtime
@@ -45,7 +45,13 @@ from nanotrain.eval.engine import sample_text
 from nanotrain.monitor import Monitor, mfu, peak_flops, step_line
 from nanotrain.ops import registry
 from nanotrain.ops.fp8 import Float8Config, check_fp8_supported, convert_to_float8, disable_fp8
-from nanotrain.optim import build_optimizer, lr_multiplier, muon_momentum, weight_decay_multiplier
+from nanotrain.optim import (
+    build_optimizer,
+    lr_multiplier,
+    merge_optimizer_shards,
+    muon_momentum,
+    weight_decay_multiplier,
+)
 from nanotrain.paths import checkpoint_dir
 from nanotrain.precision import Precision
 from nanotrain.precision import choose as choose_precision
@@ -99,7 +105,6 @@ class Run:
     batches: Iterator[tuple[Tensor, Tensor]]  # the training stream: the loader, after the first batch
     batch: tuple[Tensor, Tensor]  # the batch the next step trains on (drawn ahead while the device works)
     loader_start: dict | None  # the loader state the run started from (None: the stream's beginning)
-    first_batch_held: bool  # an older checkpoint held the first batch back (its loader state is after it)
     device_batch_size: int  # --device-batch-size, or what an out-of-memory first step lowered it to
     grad_accum: int
     peak_flops: float | None
@@ -226,7 +231,8 @@ def setup(cfg: TrainConfig) -> Run:
     mon.print(f"FLOPs per token (fwd+bwd): {model.estimate_flops():.3e}")
     plan = plan_for(cfg, rt, model, tokenizer.vocab_size, mon)
     meta = run_meta(cfg, rt, model_config, tokenizer, data_fingerprint(cfg.base_dir), plan)
-    ckpt = load_resume_checkpoint(cfg, rt, ckpt_dir, resume_step, meta, model, mon) if resume_step is not None else None
+    ckpt = (load_resume_checkpoint(cfg, rt, ckpt_dir, resume_step, meta, model, plan.num_iterations, mon)
+            if resume_step is not None else None)
 
     if cfg.fp8:
         converted, total = convert_to_float8(model, Float8Config.from_recipe(cfg.fp8_recipe))
@@ -242,9 +248,9 @@ def setup(cfg: TrainConfig) -> Run:
         model, embedding_lr=cfg.embedding_lr * plan.lr_scale, unembedding_lr=cfg.unembedding_lr * plan.lr_scale,
         matrix_lr=cfg.matrix_lr * plan.lr_scale, scalar_lr=cfg.scalar_lr * plan.lr_scale,
         weight_decay=plan.weight_decay, adam_betas=(cfg.adam_beta1, cfg.adam_beta2), sharded=rt.distributed)
-    state, loader_start, held = LoopState(), None, None
-    if ckpt is not None:
-        state, loader_start, held = restore_training_state(ckpt, optimizer, precision)
+    state, loader_start = LoopState(), None
+    if ckpt is not None and not ckpt.meta.get("weights_only"):
+        state, loader_start = restore_training_state(ckpt, optimizer, precision)
     train_loader = make_loader(cfg, rt, tokenizer, cfg.device_batch_size, "train", loader_start)
     bundle_dir = core_bundle(cfg, rt)
 
@@ -254,13 +260,12 @@ def setup(cfg: TrainConfig) -> Run:
     logged = frozenset() if resume_step is None else frozenset(  # rank 0 keeps the log: every rank follows it
         name for name, key in (("bpb", "val/bpb"), ("core", "core_metric"))
         if distributed.any_rank(mon.logged(resume_step, key), rt.device))
-    # the batch the first step trains on: the loader's next, or the one an older checkpoint held back
-    batch = next(train_loader) if held is None else (held["x"].to(rt.device), held["y"].to(rt.device))
+    batch = next(train_loader)  # the batch the first step trains on
     return Run(cfg=cfg, rt=rt, mon=mon, ckpt_dir=ckpt_dir, tokenizer=tokenizer,
                token_bytes=tokenizer.token_bytes(device=rt.device), model=model, step_model=step_model,
                optimizer=optimizer, plan=plan, precision=precision, meta=dict(meta, wandb_run_id=mon.wandb_id),
                state=state, train_loader=train_loader, batches=train_loader, batch=batch, loader_start=loader_start,
-               first_batch_held=held is not None, device_batch_size=cfg.device_batch_size,
+               device_batch_size=cfg.device_batch_size,
                grad_accum=plan.grad_accum_steps, peak_flops=peak, bundle_dir=bundle_dir, first_step=state.step,
                resume_step=resume_step, logged_at_resume=logged)
 
@@ -346,23 +351,52 @@ def use_compile(cfg: TrainConfig, device: torch.device, num_iterations: int) -> 
 
 
 def load_resume_checkpoint(cfg: TrainConfig, rt: Runtime, ckpt_dir: Path, step: int, meta: dict, model: gpt.GPT,
-                           mon: Monitor) -> checkpoint.Checkpoint:
+                           num_iterations: int, mon: Monitor) -> checkpoint.Checkpoint:
     """Check that the run may resume from checkpoint `step` (notes for allowed changes) and load its weights
-    into `model`; the optimizer, loader and loop state are restored once they exist (restore_training_state)."""
+    into `model`; the optimizer, loader and loop state are restored once they exist (restore_training_state).
+    On another number of processes than the checkpoint's, every saved rank's loader and optimizer states are
+    merged (each rank then takes its streams and its optimizer slice) and the RNG state of saved rank
+    `rank % saved` continues."""
     saved_meta = checkpoint.read_meta(ckpt_dir, step)
     for note in check_resume_compatible(saved_meta, meta):
         mon.warn(f"resuming with a change: {note}")
-    check_same_world_size(saved_meta, rt)
-    ckpt = checkpoint.load_checkpoint(ckpt_dir, step, rank=rt.rank, device=rt.device)
+    if saved_meta.get("weights_only"):
+        return load_weights_only(cfg, rt, ckpt_dir, step, model, num_iterations, mon)
+    saved_world = saved_meta["world_size"]
+    resharding = saved_world != rt.world_size
+    ckpt = checkpoint.load_checkpoint(ckpt_dir, step, rank=rt.rank, device=rt.device, load_optim=not resharding)
+    if resharding:
+        rank_states, optim_states = checkpoint.load_rank_files(ckpt_dir, step, device=rt.device)
+        ckpt.optim_state = merge_optimizer_shards(optim_states)
+        ckpt.rank_state = dict(rank_states[rt.rank % saved_world],
+                               loader=merge_loader_states([s["loader"] for s in rank_states]))
+        mon.print(f"Re-sharding the checkpoint of {saved_world} process(es) onto {rt.world_size}")
     model.load_state_dict(ckpt.model_state, strict=True)
     mon.print(f"Resuming from step {ckpt.step} ({ckpt.path})")
     return ckpt
 
 
+def load_weights_only(cfg: TrainConfig, rt: Runtime, ckpt_dir: Path, step: int, model: gpt.GPT, num_iterations: int,
+                      mon: Monitor) -> checkpoint.Checkpoint:
+    """A weights-only checkpoint (`nanotrain-convert import-nanochat`) has no optimizer, data or loop state: the
+    run starts a new schedule at step 0 from its weights. Its checkpoints go beside the imported one, so a horizon
+    that reaches the imported step (whose folder a save there would replace) is refused."""
+    if num_iterations >= step:
+        raise UserError(f"--model-tag {cfg.tag} holds a weights-only checkpoint at step {step}, which this run would "
+                        f"save over (its horizon is {num_iterations} steps); pass --num-iterations below {step}, or "
+                        "import the model again under another --model-tag for this run")
+    ckpt = checkpoint.load_checkpoint(ckpt_dir, step, rank=rt.rank, device=rt.device, load_optim=False,
+                                      load_rank_state=False)
+    model.load_state_dict(ckpt.model_state, strict=True)
+    mon.print(f"Starting from the weights of {ckpt.path} (a weights-only checkpoint: the optimizer, the data stream "
+              "and the LR schedule start fresh at step 0)")
+    return ckpt
+
+
 def restore_training_state(ckpt: checkpoint.Checkpoint, optimizer: torch.optim.Optimizer,
-                           precision: Precision) -> tuple[LoopState, dict, dict | None]:
+                           precision: Precision) -> tuple[LoopState, dict]:
     """Continue the optimizer moments, the gradient scaler, the RNG and the loop state of a checkpoint. Returns
-    the loop state, the loader state, and the batch an older checkpoint held back (None for current ones)."""
+    the loop state and the loader state (the position before the batch the next step trains on)."""
     # the moments resume; the settings (LRs, betas, eps, weight decay) are this run's options, which a resume
     # may change on purpose (torch's load_state_dict would put the checkpoint's settings back)
     settings = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
@@ -371,7 +405,7 @@ def restore_training_state(ckpt: checkpoint.Checkpoint, optimizer: torch.optim.O
         group.update(own)
     precision.load_state_dict(ckpt.rank_state.get("precision"))
     checkpoint.restore_rng_state(ckpt.rank_state["rng"])
-    return LoopState(**ckpt.meta["loop_state"]), ckpt.rank_state["loader"], ckpt.rank_state.get("batch")
+    return LoopState(**ckpt.meta["loop_state"]), ckpt.rank_state["loader"]
 
 
 def make_loader(cfg: TrainConfig, rt: Runtime, tokenizer: Tokenizer, batch_size: int, split: str,
@@ -413,7 +447,6 @@ def fit_first_step(run: Run) -> None:
     evaluations (evaluations leave gradients alone)."""
     if run.state.step >= run.last_step:
         return
-    first = run.batch  # kept whole: each lowering cuts it anew
     while True:
         synchronize(run.rt)
         t0 = time.time()
@@ -428,13 +461,13 @@ def fit_first_step(run: Run) -> None:
             synchronize(run.rt)
             run.pending, run.batch = (loss, time.time() - t0), (x, y)
             return
-        lower_batch_after_oom(run, first)
+        lower_batch_after_oom(run)
 
 
-def lower_batch_after_oom(run: Run, first: tuple[Tensor, Tensor]) -> None:
+def lower_batch_after_oom(run: Run) -> None:
     """Out of memory on the first step: with --oom-auto-batch lower the device batch to its largest divisor up to
     half, raising the accumulation so the total batch is unchanged; otherwise say which batch fits and stop. The
-    step then trains on its first batch (`first`) cut into smaller micro-batches, and the stream goes on right after it
+    step then trains on the rows of its first batch in smaller micro-batches, and the stream goes on right after them
     (nothing repeated or skipped, on a resume too). Called outside the `except` block, whose traceback holds the
     failed step's tensors."""
     cfg, rt = run.cfg, run.rt
@@ -454,21 +487,12 @@ def lower_batch_after_oom(run: Run, first: tuple[Tensor, Tensor]) -> None:
     new_bs, factor = smaller[0], size // smaller[0]
     run.mon.warn(f"out of memory at --device-batch-size={size}: lowering it to {new_bs} and raising gradient "
                  f"accumulation from {run.grad_accum} to {run.grad_accum * factor} (the total batch is unchanged)")
-    x, y = first
-    run.train_loader = make_loader(cfg, rt, run.tokenizer, new_bs, "train", state_after_first_batch(run))
-    run.batches = itertools.chain(zip(x.split(new_bs), y.split(new_bs)), run.train_loader)
+    # the global stream does not depend on the device batch: from the first batch's position, the new loader yields
+    # the same rows new_bs at a time (nothing repeated or skipped, on a resume too)
+    run.train_loader.close()
+    run.train_loader = run.batches = make_loader(cfg, rt, run.tokenizer, new_bs, "train", run.loader_start)
     run.batch = next(run.batches)
     run.device_batch_size, run.grad_accum = new_bs, run.grad_accum * factor
-
-
-def state_after_first_batch(run: Run) -> dict | None:
-    """The loader position right after the first step's first batch."""
-    if run.first_batch_held:  # an older checkpoint's loader state is already past the batch it held
-        return run.loader_start
-    loader = make_loader(run.cfg, run.rt, run.tokenizer, run.cfg.device_batch_size, "train", run.loader_start)
-    next(loader)
-    next(loader)
-    return loader.state_dict()  # the position before the batch last drawn: right after the first
 
 
 def largest_fitting_batch(model: gpt.GPT, candidates: list[int], seq_len: int, rt: Runtime,
@@ -815,18 +839,7 @@ def run_meta(cfg, rt, model_config, tokenizer, data_fp: str, plan) -> dict:
     """What a checkpoint records about the run (for resume checks and for evaluation)."""
     return {"model_config": asdict(model_config), "train_config": cfg.to_dict(), "world_size": rt.world_size,
             "tokenizer_fingerprint": tokenizer.fingerprint, "data_fingerprint": data_fp,
-            "plan": asdict(plan), "optim_sharded": rt.distributed}
-
-
-def check_same_world_size(saved_meta: dict, rt: Runtime) -> None:
-    """Refuse a resume on another number of processes: each rank's data-loader position (and, when sharded,
-    its optimizer shard) belongs to its rank. (The optimizer alone could re-shard: optim.merge_optimizer_shards.)"""
-    saved = saved_meta.get("world_size", 1)
-    if saved != rt.world_size:
-        launch = f"torchrun --nproc_per_node={saved} -m nanotrain" if saved > 1 else "nanotrain (one process)"
-        raise UserError(f"cannot resume: the checkpoint was written by {saved} process(es) and this run has "
-                        f"{rt.world_size}, and each rank's data-loader position belongs to its rank; relaunch "
-                        f"with {saved} (e.g. {launch}), or start a new run under another --model-tag")
+            "plan": asdict(plan), "optim_sharded": rt.distributed, "data_streams": DEFAULT_TRAIN_STREAMS}
 
 
 def check_fresh_start(ckpt_dir, cfg: TrainConfig) -> None:

@@ -326,7 +326,6 @@ def import_nanochat(src: str | os.PathLike, model_tag: str, step: int | None = N
         "tokenizer_fingerprint": tok.fingerprint,
         "data_fingerprint": None,
         "optim_sharded": False,
-        "pad_vocab_size_to": NANOCHAT_PAD_VOCAB_TO,
         "imported_from": {"format": "nanochat", "path": str(ckpt_dir), "model_tag": tag, "step": n,
                           "user_config": user_config, **(note or {})},
     }

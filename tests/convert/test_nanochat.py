@@ -16,7 +16,7 @@ import textwrap
 
 import pytest
 import torch
-from tiny_model import save_tiny, train_tiny
+from tiny_model import TINY, save_tiny, train_tiny
 
 from nanotrain import paths
 from nanotrain.checkpoint import list_steps, load_checkpoint
@@ -24,7 +24,7 @@ from nanotrain.convert import cli
 from nanotrain.convert.nanochat import nanochat_short_lookback, window_differences
 from nanotrain.data.tokenizer import SPECIAL_TOKENS, load_tokenizer
 from nanotrain.eval.loading import load_model
-from nanotrain.model import GPTConfig
+from nanotrain.model import GPT, GPTConfig
 
 
 def expected_nanochat_state(cfg: GPTConfig) -> dict[str, tuple[int, ...]]:
@@ -287,3 +287,46 @@ def test_import_of_a_checkpoint_nanochat_wrote(src_base, exported, tmp_path):
     with torch.no_grad():
         ours = imported(idx)
     assert (ours - torch.load(tmp_path / "logits.pt")).abs().max().item() <= 1e-5
+
+
+def test_training_continues_from_an_import(src_base, tmp_path, capsys):
+    """`nanotrain --resume-from-step=latest` on an imported (weights-only) checkpoint starts a new schedule from
+    its weights: the optimizer, data stream and loop state start fresh, the model is the import's."""
+    from nanotrain import train
+
+    base, _ = src_base
+    tok = load_tokenizer(base)
+    cfg = GPTConfig(vocab_size=tok.vocab_size, **dict(TINY, n_kv_head=TINY["n_head"]))  # the trainer builds MHA
+    model = train_tiny(cfg, tok, seed=3)
+    src = tmp_path / "src"
+    shutil.copytree(base, src)
+    shutil.rmtree(paths.checkpoint_dir("tiny", src))
+    save_tiny(src, "mha", model, tok, step=6)
+    out, dest = tmp_path / "nanochat", tmp_path / "dest"
+    assert run_cli("export-nanochat", "--model-tag", "mha", "--base-dir", src, "--out", out) == 0
+    assert run_cli("import-nanochat", out, "--model-tag", "imp", "--base-dir", dest) == 0
+    shutil.copytree(paths.data_dir(base), paths.data_dir(dest))
+    opts = ["--device-type=cpu", "--depth=3", "--aspect-ratio=21", "--head-dim=32", "--max-seq-len=256",
+            "--window-pattern=SSL", "--device-batch-size=2", "--total-batch-size=512", "--eval-every=-1",
+            "--core-metric-every=-1", "--sample-every=-1", "--compile=off", f"--base-dir={dest}", "--model-tag=imp",
+            "--resume-from-step=latest"]
+    capsys.readouterr()
+    # a horizon reaching the imported step would save over it: refused
+    assert train.main([*opts, "--num-iterations=6"]) == 2
+    assert "would save over" in capsys.readouterr().err
+    assert train.main([*opts, "--num-iterations=1"]) == 0
+    assert "a weights-only checkpoint: the optimizer, the data stream and the LR schedule start fresh" in \
+        capsys.readouterr().out
+    after = load_checkpoint(paths.checkpoint_dir("imp", dest), 1, load_optim=False).model_state
+    imported = model.state_dict()
+    # one small step from the import: far closer to it than the import is to a re-initialized model
+    with torch.device("meta"):
+        init = GPT(cfg)
+    init.to_empty(device="cpu")
+    torch.manual_seed(42)
+    init.init_weights()
+
+    def dist(a, b):
+        return sum((a[k].float() - b[k].float()).norm() ** 2 for k in b if k in a) ** 0.5
+    assert dist(after, imported) < 0.2 * dist(init.state_dict(), imported)
+    assert load_checkpoint(paths.checkpoint_dir("imp", dest), 6, load_optim=False).meta["weights_only"] is True
