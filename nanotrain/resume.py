@@ -72,14 +72,15 @@ def check_resume_compatible(saved_meta: dict, new_meta: dict) -> list[str]:
 def check_world_size(saved: int, new: int, data_streams: int | None, optim_sharded: bool) -> None:
     """A run resumes on another number of processes when that number divides its `data_streams` virtual data
     streams: the global token stream and the optimizer state then re-shard exactly (data/loader.py,
-    optim.merge_optimizer_shards). A checkpoint without `data_streams` predates the re-shardable loader: each of
-    its ranks' loader positions (and optimizer slices, when sharded) belongs to that rank, so it resumes only on
-    the process count that wrote it."""
+    optim.merge_optimizer_shards). A checkpoint without `data_streams` predates the re-shardable loader: a sharded
+    optimizer state of it resumes only on the process count that wrote it (its loader state, of an older format,
+    is refused by the loader)."""
     if data_streams is None:
-        sharded = " with a sharded optimizer state" if optim_sharded else ""
-        raise UserError(f"cannot resume: the checkpoint was written by {saved} processes{sharded} and this run has "
-                        f"{new}; relaunch with {saved} processes (e.g. torchrun --nproc_per_node={saved}), or start "
-                        "a new run under another --model-tag")
+        if optim_sharded:
+            raise UserError(f"cannot resume: the checkpoint was written by {saved} processes with a sharded optimizer "
+                            f"state and this run has {new}; relaunch with {saved} processes (e.g. torchrun "
+                            f"--nproc_per_node={saved}), or start a new run under another --model-tag")
+        return
     if data_streams % new:
         raise UserError(f"cannot resume: the checkpoint's data stream is cut into {data_streams} streams, which "
                         f"{new} processes cannot share evenly; relaunch with one of "
