@@ -22,8 +22,7 @@ from nanotrain import checkpoint, train
 from nanotrain.optim import DistMuonAdamW, MuonAdamW, build_optimizer, merge_optimizer_shards
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-import dist_optim_worker as worker  # noqa: E402
+from tests import dist_optim_worker as worker  # noqa: E402
 
 torch.set_num_threads(1)
 

@@ -9,11 +9,11 @@ import shutil
 
 import pytest
 import torch
-from tiny_model import TINY, save_tiny, train_tiny
 
 from nanotrain import paths
 from nanotrain.data.tokenizer import load_tokenizer
 from nanotrain.model import GPTConfig
+from tests.convert.tiny_model import TINY, save_tiny, train_tiny
 
 
 @pytest.fixture(autouse=True)

@@ -10,7 +10,6 @@ import pytest
 import torch
 
 pytest.importorskip("transformers")
-from local_http import LocalHTTPServer, QuietHandler  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
@@ -18,6 +17,7 @@ from nanotrain.convert import cli  # noqa: E402
 from nanotrain.convert.hf import build_hf_tokenizer  # noqa: E402
 from nanotrain.data.tokenizer import SPECIAL_TOKENS, load_tokenizer, train_tokenizer  # noqa: E402
 from nanotrain.eval.engine import Engine  # noqa: E402
+from tests.local_http import LocalHTTPServer, QuietHandler  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,6 @@ import textwrap
 
 import pytest
 import torch
-from tiny_model import TINY, save_tiny, train_tiny
 
 from nanotrain import paths
 from nanotrain.checkpoint import list_steps, load_checkpoint
@@ -25,6 +24,7 @@ from nanotrain.convert.nanochat import nanochat_short_lookback, window_differenc
 from nanotrain.data.tokenizer import SPECIAL_TOKENS, load_tokenizer
 from nanotrain.eval.loading import load_model
 from nanotrain.model import GPT, GPTConfig
+from tests.convert.tiny_model import TINY, save_tiny, train_tiny
 
 
 def expected_nanochat_state(cfg: GPTConfig) -> dict[str, tuple[int, ...]]:

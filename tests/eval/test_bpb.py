@@ -5,9 +5,9 @@ import math
 
 import pytest
 import torch
-from eval_standins import BigramLM
 
 from nanotrain.eval.bpb import evaluate_bpb
+from tests.eval.eval_standins import BigramLM
 
 V = 40
 

@@ -7,12 +7,12 @@ import zipfile
 from pathlib import Path
 
 import pytest
-from eval_standins import handmade_rows, write_bundle
-from local_http import LocalHTTPServer, QuietHandler
 
 from nanotrain import paths
 from nanotrain.errors import UserError
 from nanotrain.eval.core import BUNDLE_ENV_VAR, ensure_eval_bundle, load_tasks
+from tests.eval.eval_standins import handmade_rows, write_bundle
+from tests.local_http import LocalHTTPServer, QuietHandler
 
 
 def zip_of(folder: Path, top: str = "eval_bundle") -> bytes:

@@ -10,7 +10,6 @@ import re
 
 import pytest
 import torch
-from eval_standins import handmade_rows, write_bundle
 
 from nanotrain import paths
 from nanotrain.checkpoint import save_checkpoint
@@ -19,6 +18,7 @@ from nanotrain.data.tokenizer import train_tokenizer
 from nanotrain.eval import cli
 from nanotrain.eval.bpb import evaluate_bpb
 from nanotrain.model import GPT, GPTConfig
+from tests.eval.eval_standins import handmade_rows, write_bundle
 
 WORDS = ("river stone light green quiet window paper seven after under bright small garden north "
          "music table winter open number yellow capital France planet color").split()

@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from eval_standins import BOS, BigramLM, ByteTokenizer, handmade_rows, oracle_table, write_bundle
 
 from nanotrain.errors import UserError
 from nanotrain.eval import core
 from nanotrain.eval.core import evaluate_core, fewshot_indices, load_rows, load_tasks, render_prompts
+from tests.eval.eval_standins import BOS, BigramLM, ByteTokenizer, handmade_rows, oracle_table, write_bundle
 
 REPO = Path(__file__).resolve().parents[2]
 REAL_BUNDLE = REPO.parent / "shared" / "data" / "core_eval_bundle"

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from eval_standins import BigramLM, ByteTokenizer, handmade_rows, oracle_table, write_bundle
 
 from nanotrain.eval.bpb import evaluate_bpb
 from nanotrain.eval.core import evaluate_core
+from tests.eval.eval_standins import BigramLM, ByteTokenizer, handmade_rows, oracle_table, write_bundle
 
 HERE = Path(__file__).resolve().parent
 
@@ -21,7 +21,7 @@ SCRIPT = textwrap.dedent("""
     import json, sys
     import torch
     import torch.distributed as dist
-    from eval_standins import BigramLM, ByteTokenizer, oracle_table
+    from tests.eval.eval_standins import BigramLM, ByteTokenizer, oracle_table
     from nanotrain.eval.bpb import evaluate_bpb
     from nanotrain.eval.core import evaluate_core
 

@@ -5,10 +5,10 @@ import dataclasses
 
 import pytest
 import torch
-from eval_standins import ByteTokenizer
 
 from nanotrain.eval.engine import Engine, naive_generate, sample_next, sample_text
 from nanotrain.model import GPT, GPTConfig
+from tests.eval.eval_standins import ByteTokenizer
 
 CFG = GPTConfig(sequence_len=16, vocab_size=257, n_layer=3, n_head=4, n_kv_head=2, n_embd=64, window_pattern="SSL")
 

@@ -17,10 +17,10 @@ import math
 
 import pytest
 import torch
-from aot_compile import compile_without_gpu, run_interpreted
 
 from nanotrain.ops import attention as A
 from nanotrain.ops import registry
+from tests.ops.aot_compile import compile_without_gpu, run_interpreted
 
 CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA else "cpu")

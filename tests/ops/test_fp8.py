@@ -8,11 +8,11 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from aot_compile import compile_without_gpu, run_interpreted
 
 from nanotrain.errors import UserError
 from nanotrain.ops import fp8, registry
 from nanotrain.ops.fp8 import E4M3, E5M2, Float8Config, Float8Linear, sqnr
+from tests.ops.aot_compile import compile_without_gpu, run_interpreted
 
 # SQNR bounds (dB) against the unquantized fp32 reference, from DESIGN.md.
 SQNR_CAST, SQNR_GEMM, SQNR_LINEAR_OUT, SQNR_LINEAR_GRAD = 25.0, 25.0, 18.0, 17.0

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from aot_compile import compile_without_gpu, run_interpreted
 
 from nanotrain.ops import newton_schulz as ns
 from nanotrain.ops import registry
+from tests.ops.aot_compile import compile_without_gpu, run_interpreted
 
 TOL = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}
 SHAPES = [(2, 24, 40), (1, 64, 32), (3, 33, 65), (2, 48, 48)]  # wide, tall, awkward, square

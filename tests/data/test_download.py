@@ -16,12 +16,12 @@ import time
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from local_http import LocalHTTPServer, QuietHandler
 
 from nanotrain.data import download as D
 from nanotrain.data import shards as S
 from nanotrain.data.cli import main
 from nanotrain.data.download import VAL_SHARD
+from tests.local_http import LocalHTTPServer, QuietHandler
 
 
 def parquet_bytes(seed: int, n: int = 200) -> bytes:
