@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from nanotrain.errors import UserError
+from nanotrain.errors import exit_code_of
 
 
 def _step(value: str) -> int | str:
@@ -95,15 +95,7 @@ def run(args: argparse.Namespace) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        print(run(args))
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-    return 0
+    return exit_code_of(lambda: print(run(args)))
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ import sys
 import time
 
 from nanotrain import paths
-from nanotrain.errors import UserError
+from nanotrain.errors import UserError, exit_code_of
 
 
 def _positive(text: str) -> int:
@@ -154,15 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        args.func(args)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-    return 0
+    return exit_code_of(lambda: args.func(args))
 
 
 if __name__ == "__main__":

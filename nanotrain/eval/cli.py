@@ -23,7 +23,7 @@ from typing import Any, ContextManager
 import torch
 
 from nanotrain import paths
-from nanotrain.errors import UserError
+from nanotrain.errors import UserError, exit_code_of
 
 EVALS = ("core", "bpb", "sample")
 DEFAULT_EVAL_TOKENS = 40 * 2**20  # 41,943,040, the trainer's --eval-tokens default
@@ -191,12 +191,7 @@ def print_table(report: dict[str, Any]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    try:
-        run(parse_args(argv))
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return exit_code_of(lambda: run(parse_args(argv)))
 
 
 if __name__ == "__main__":

@@ -8,20 +8,14 @@ from __future__ import annotations
 import shutil
 
 import pytest
-import torch
 
 from nanotrain import paths
 from nanotrain.data.tokenizer import load_tokenizer
 from nanotrain.model import GPTConfig
 from tests.convert.tiny_model import TINY, save_tiny, train_tiny
+from tests.fixtures import one_thread
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+_one_thread = pytest.fixture(autouse=True, name="_one_thread")(one_thread)
 
 
 @pytest.fixture(scope="module")

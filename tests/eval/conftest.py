@@ -1,11 +1,6 @@
 """Evaluation tests use tiny tensors: one intra-op thread is faster than many on a shared CPU."""
 import pytest
-import torch
 
+from tests.fixtures import one_thread
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+_one_thread = pytest.fixture(autouse=True, name="_one_thread")(one_thread)
