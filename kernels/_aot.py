@@ -1,0 +1,345 @@
+"""Ahead-of-time build of the Triton kernels into nanotrain._C: the variant table, the compiles, the C++ it generates.
+
+At build time (setup.py, when nvcc is found) `python -m kernels._aot --arches "80;90a" --out DIR` compiles every
+entry of VARIANTS for every target with kernels/_compile.py (no GPU needed) and writes into DIR:
+  - aot_table.cpp: the cubins as byte arrays, one `Variant` row per (entry, target) with the compiled
+    kernel's parameter list (kind, divisibility hint, pointee dtype), launch shape (warps, shared bytes) and
+    constexpr values, and `nanotrain_aot_table_json()`, the same table as JSON for Python;
+  - aot_args.h: per kernel, a struct with one field per parameter in the kernel's order and the function
+    that turns it into launcher values. The C++ ops fill these structs by field name, so a kernel whose
+    signature changes no longer compiles against its op until the op is updated: the argument packing is
+    generated from the kernels, never written by hand twice.
+
+Specialization: Triton's JIT compiles a kernel per call *class*: an int equal to 1 becomes the constant 1
+(dropped from the parameters), a multiple of 16 gets a divisibility hint, pointers are 16-byte aligned. A
+cubin compiled for a class serves exactly the calls of that class or of a narrower one; the launcher
+(csrc/aot/launcher.cpp) takes the first row of the table whose classes admit the call, so each kernel's list
+ends with a generic row (every int a plain i32) that serves any call whose ints fit in 32 bits.
+
+Launch configurations are FIXED per architecture: each kernel's autotune list's first entry for that
+architecture (what NANOTRAIN_AUTOTUNE=first picks), until a GPU has measured better ones. With the same
+config, the same specialization and the same Triton, the cubin is the one the JIT path would run, so the
+outputs are bit for bit those of the Triton backend (to verify on a GPU: tests/test_aot.py, gpu-marked).
+
+The variants compiled (the training-critical ones; any other call is served by the Triton JIT backend):
+  Muon products (kernels/newton_schulz.py), bfloat16 only (the iteration's compute dtype on the GPU),
+  DOT_PRECISION tf32 (ignored for 16-bit operands), HAS_I False:
+    sym_matmul   HAS_Z False: row-major, column-major (a tall matrix's transpose view), generic
+                 HAS_Z True: row-major, generic
+    axpby_matmul ADD_X True: row-major, column-major, generic;  ADD_X False (the Gram path): generic
+
+This module never imports nanotrain.
+"""
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import hashlib
+import json
+import multiprocessing
+import os
+import re
+import sys
+import time
+from dataclasses import dataclass, field
+
+DEFAULT_ARCHES = "80;90a"
+CACHE_FORMAT = 1  # bump when the generated files change shape
+
+# An example value per class of int argument (see the module doc).
+ONE, DIV16, ANY = 1, 16, 17
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One specialization of one kernel: `args` are example values of its runtime parameters (classes: ONE,
+    DIV16, ANY for ints, "*bf16" for pointers, a float for fp32) and of its flag constexprs; the block sizes
+    and warps come from the per-architecture config table."""
+    kernel: str  # name in KERNELS
+    label: str
+    args: dict = field(hash=False)
+
+
+def _ns():
+    from kernels import newton_schulz
+
+    return newton_schulz
+
+
+# kernel name -> (module getter, function attribute, config function of capability -> (constexprs, warps, stages))
+def _sym_config(capability: tuple[int, int]) -> tuple[dict, int, int]:
+    c = _ns()._sym_configs(capability)[0]
+    return dict(c.kwargs), c.num_warps, c.num_stages
+
+
+def _axpby_config(capability: tuple[int, int]) -> tuple[dict, int, int]:
+    c = _ns()._axpby_configs(capability)[0]
+    return dict(c.kwargs), c.num_warps, c.num_stages
+
+
+KERNELS = {
+    "sym_matmul": ("_sym_matmul_kernel", _sym_config),
+    "axpby_matmul": ("_axpby_matmul_kernel", _axpby_config),
+}
+
+
+def _kernel_fn(kernel: str):
+    return getattr(_ns(), KERNELS[kernel][0])
+
+
+def _strides(layout: str, prefix: str, rows: str, cols: str) -> dict:
+    """Example strides of a (batch, rows, cols) operand: 'row' (cols contiguous), 'col' (rows contiguous), 'any'."""
+    b, r, c = f"stride_{prefix}b", f"stride_{prefix}{rows}", f"stride_{prefix}{cols}"
+    if layout == "row":
+        return {b: DIV16, r: DIV16, c: ONE}
+    if layout == "col":
+        return {b: DIV16, r: ONE, c: DIV16}
+    return {b: ANY, r: ANY, c: ANY}
+
+
+def _sym_entry(has_z: bool, layout: str) -> Entry:
+    square = "row" if layout != "any" else "any"  # Z and C: (M, M) buffers the op allocates row-major
+    dim = ANY if layout == "any" else DIV16
+    args = {"P_ptr": "*bf16", "S_ptr": "*bf16", "Z_ptr": "*bf16", "C_ptr": "*bf16", "M": dim, "K": dim,
+            **_strides(layout, "p", "m", "k"), **_strides(layout, "s", "m", "k"),
+            **_strides(square, "z", "m", "n"), **_strides(square, "c", "m", "n"),
+            "alpha": 1.0, "beta": 0.0, "gamma": 0.0, "HAS_Z": has_z, "HAS_I": False, "DOT_PRECISION": "tf32"}
+    return Entry("sym_matmul", f"bf16 HAS_Z={int(has_z)} {layout}", args)
+
+
+def _axpby_entry(add_x: bool, layout: str) -> Entry:
+    dim = ANY if layout == "any" else DIV16
+    args = {"B_ptr": "*bf16", "X_ptr": "*bf16", "Y_ptr": "*bf16", "M": dim, "N": dim,
+            **_strides("row" if layout != "any" else "any", "b", "m", "k"),
+            **_strides(layout, "x", "m", "n"), **_strides(layout, "y", "m", "n"),
+            "alpha": 1.0, "ADD_X": add_x, "DOT_PRECISION": "tf32"}
+    return Entry("axpby_matmul", f"bf16 ADD_X={int(add_x)} {layout}", args)
+
+
+# Per kernel, the most specialized first: the launcher takes the first row that admits a call.
+VARIANTS: list[Entry] = [
+    _sym_entry(False, "row"), _sym_entry(False, "col"), _sym_entry(True, "row"),
+    _sym_entry(False, "any"), _sym_entry(True, "any"),
+    _axpby_entry(True, "row"), _axpby_entry(True, "col"), _axpby_entry(True, "any"), _axpby_entry(False, "any"),
+]
+
+
+def parse_arches(spec: str) -> list[str]:
+    """'80;90a' -> ['80', '90a'] (separators ; , or space)."""
+    arches = [a.strip() for a in re.split(r"[;, ]+", spec) if a.strip()]
+    for a in arches:
+        if not re.fullmatch(r"\d{2,3}a?", a):
+            raise ValueError(f"NANOTRAIN_CUDA_ARCHES entry {a!r} is not an sm number such as 80 or 90a")
+    return arches
+
+
+def capability_of(arch: str) -> tuple[int, int]:
+    n = int(arch.rstrip("a"))
+    return n // 10, n % 10
+
+
+def _flag_names(fn) -> list[str]:
+    return [n for n, p in zip(fn.arg_names, fn.params) if p.is_constexpr]
+
+
+def describe(entry: Entry, arch: str) -> dict:
+    """The launcher's view of one compiled variant, derived from the kernel's current signature and the
+    entry (no compile): parameters in kernel order with kind ('ptr', 'i32', 'i64', 'fp32', 'one': the
+    constant 1, not passed), hint ('div16' or ''), pointee dtype; the constexprs; warps and stages."""
+    from kernels._compile import _arg_spec
+
+    fn = _kernel_fn(entry.kernel)
+    config, warps, stages = KERNELS[entry.kernel][1](capability_of(arch))
+    params, constexprs = [], {}
+    for name, p in zip(fn.arg_names, fn.params):
+        if p.is_constexpr:
+            value = config[name] if name in config else entry.args[name]
+            constexprs[name] = value if isinstance(value, (bool, int)) else str(value)
+            continue
+        value = entry.args[name]
+        kind, _, div16 = _arg_spec(value, False)
+        if kind.startswith("*"):
+            params.append({"name": name, "kind": "ptr", "hint": "div16", "dtype": kind[1:]})
+        elif kind == "constexpr":
+            params.append({"name": name, "kind": "one", "hint": "", "dtype": ""})
+        else:
+            params.append({"name": name, "kind": kind, "hint": "div16" if div16 else "", "dtype": ""})
+    return {"kernel": entry.kernel, "label": entry.label, "arch": arch, "params": params,
+            "constexprs": constexprs, "num_warps": warps, "num_stages": stages}
+
+
+def compile_entry(entry: Entry, arch: str) -> dict:
+    """describe(entry, arch) plus the compile: function name, shared bytes, the cubin, its sha256."""
+    from kernels._compile import compile_kernel
+
+    row = describe(entry, arch)
+    fn = _kernel_fn(entry.kernel)
+    args = {n: entry.args[n] if n in entry.args else row["constexprs"][n] for n in fn.arg_names}
+    cap = capability_of(arch)
+    out = compile_kernel(fn, cap, args, num_warps=row["num_warps"], num_stages=row["num_stages"])
+    scratch = {k: out[k] for k in ("global_scratch_size", "profile_scratch_size") if out.get(k)}
+    if scratch:
+        raise RuntimeError(f"{entry.kernel} [{entry.label}] sm_{arch} needs scratch memory {scratch}, which the "
+                           "AOT launcher does not allocate")
+    row.update(function=out["name"], shared=int(out["shared"]), cubin=out["cubin"],
+               sha256=hashlib.sha256(out["cubin"]).hexdigest(), regs=out.get("regs"),
+               spills=out.get("spill_stores", 0) + out.get("spill_loads", 0))
+    return row
+
+
+def _compile_arch(arch: str, indices: list[int]) -> list[dict]:
+    os.environ.pop("TRITON_INTERPRET", None)
+    return [compile_entry(VARIANTS[i], arch) for i in indices]
+
+
+def compile_all(arches: list[str], jobs: int = 2) -> list[dict]:
+    """Every VARIANTS entry for every arch, one fresh process per arch (see compile_cases: a compile must not
+    depend on what the same process compiled before for another target), `jobs` at a time."""
+    ctx = multiprocessing.get_context("spawn")
+    indices = list(range(len(VARIANTS)))
+    with concurrent.futures.ProcessPoolExecutor(max_workers=max(1, jobs), mp_context=ctx) as pool:
+        futures = [pool.submit(_compile_arch, arch, indices) for arch in arches]
+        return [row for f in futures for row in f.result()]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Generated C++
+# ---------------------------------------------------------------------------------------------------------------
+
+_KIND = {"ptr": "Kind::Ptr", "i32": "Kind::I32", "i64": "Kind::I64", "fp32": "Kind::F32", "one": "Kind::One",
+         "i1": "Kind::I32"}
+
+
+def _struct_name(kernel: str) -> str:
+    return "".join(part.capitalize() for part in kernel.split("_")) + "Args"
+
+
+def generate_header() -> str:
+    """aot_args.h: per kernel, the argument struct (fields in the kernel's parameter order) and its values()."""
+    lines = ["// Generated by kernels/_aot.py from the Triton kernels' signatures. Do not edit.",
+             "#pragma once", "#include <array>", "#include <cstdint>", '#include "aot/launcher.h"', "",
+             "namespace nanotrain::aot {", ""]
+    for kernel in KERNELS:
+        fn = _kernel_fn(kernel)
+        runtime = [n for n, p in zip(fn.arg_names, fn.params) if not p.is_constexpr]
+        example = next(e for e in VARIANTS if e.kernel == kernel)
+        s = _struct_name(kernel)
+        lines.append(f"// {KERNELS[kernel][0]}: the runtime parameters, in order (constexprs are the variant's).")
+        lines.append(f"struct {s} {{")
+        types = {}
+        for n in runtime:
+            v = example.args[n]
+            types[n] = ("Tensorish" if isinstance(v, str) else "double" if isinstance(v, float) else "int64_t")
+            lines.append(f"  {types[n]} {n};")
+        lines.append("};")
+        lines.append(f"constexpr const char* k{s[:-4]}Kernel = \"{kernel}\";")
+        lines.append(f"inline std::array<Value, {len(runtime)}> values(const {s}& a) {{")
+        lines.append("  return {{" + ", ".join(
+            f"Value::of(a.{n})" for n in runtime) + "}};")
+        lines.append("}")
+        lines.append("")
+    lines.append("}  // namespace nanotrain::aot")
+    return "\n".join(lines) + "\n"
+
+
+def _c_string(s: str) -> str:
+    return json.dumps(s)
+
+
+def generate_table(rows: list[dict]) -> str:
+    """aot_table.cpp: the cubins and the Variant rows (see csrc/aot/launcher.h) and the table as JSON."""
+    out = ["// Generated by kernels/_aot.py: the ahead-of-time compiled Triton kernels. Do not edit.",
+           '#include "aot/launcher.h"', "", "namespace nanotrain::aot {", "namespace {"]
+    for i, r in enumerate(rows):
+        data = r["cubin"]
+        # a string literal (octal escapes: unambiguous, and far faster to compile than a list of integers);
+        # one byte more than the cubin for the literal's terminating NUL
+        out.append(f"alignas(16) const unsigned char kCubin{i}[{len(data) + 1}] =")
+        for k in range(0, len(data), 64):
+            out.append('  "' + "".join(f"\\{b:03o}" for b in data[k:k + 64]) + '"')
+        out[-1] += ";"
+        params = ", ".join(f"{{{_c_string(p['name'])}, {_KIND[p['kind']]}, {str(p['hint'] == 'div16').lower()}, "
+                           f"{_c_string(p['dtype'])}}}" for p in r["params"])
+        out.append(f"const Param kParams{i}[] = {{{params}}};")
+        consts = ", ".join(f"{{{_c_string(k)}, {int(v) if isinstance(v, (bool, int)) else 0}}}"
+                           for k, v in r["constexprs"].items() if isinstance(v, (bool, int)))
+        out.append(f"const Constexpr kConsts{i}[] = {{{consts}}};")
+    out.append("}  // namespace")
+    out.append("")
+    out.append(f"extern const int kNumVariants = {len(rows)};")
+    out.append("extern const Variant kVariants[] = {")
+    if not rows:
+        out.append("  {},")
+    for i, r in enumerate(rows):
+        n_consts = sum(isinstance(v, (bool, int)) for v in r["constexprs"].values())
+        out.append(f"  {{{_c_string(r['kernel'])}, {_c_string(r['label'])}, {_c_string(r['arch'])}, "
+                   f"{_c_string(r['function'])}, kCubin{i}, {len(r['cubin'])}, {r['num_warps']}, {r['shared']}, "
+                   f"kParams{i}, {len(r['params'])}, kConsts{i}, {n_consts}}},")
+    out.append("};")
+    table = [{k: v for k, v in r.items() if k != "cubin"} | {"cubin_bytes": len(r["cubin"])} for r in rows]
+    blob = json.dumps(table, sort_keys=True)
+    out.append("")
+    out.append("}  // namespace nanotrain::aot")
+    out.append("")
+    out.append("// The table above as JSON (without the cubins), for nanotrain.ops._ext.aot_table().")
+    out.append('extern "C" const char* nanotrain_aot_table_json() {')
+    out.append("  static const char kJson[] = " + " ".join(
+        _c_string(blob[k:k + 2000]) for k in range(0, max(len(blob), 1), 2000)) + ";")
+    out.append("  return kJson;")
+    out.append("}")
+    return "\n".join(out) + "\n"
+
+
+def source_digest(arches: list[str]) -> str:
+    """What the generated files depend on: these sources, the Triton version, the arches."""
+    import triton
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    h = hashlib.sha256(f"{CACHE_FORMAT} {triton.__version__} {';'.join(arches)}".encode())
+    for name in ("_aot.py", "_compile.py", "newton_schulz.py"):
+        with open(os.path.join(here, name), "rb") as f:
+            h.update(f.read())
+    return h.hexdigest()
+
+
+def build(out_dir: str, arches: list[str], jobs: int = 2, log=print) -> bool:
+    """Write aot_table.cpp and aot_args.h into out_dir unless a build of the same sources is there (cache).
+    Returns True when it compiled."""
+    os.makedirs(out_dir, exist_ok=True)
+    digest = source_digest(arches)
+    stamp = os.path.join(out_dir, "aot.stamp")
+    files = [os.path.join(out_dir, f) for f in ("aot_table.cpp", "aot_args.h")]
+    if os.path.exists(stamp) and open(stamp).read() == digest and all(os.path.exists(f) for f in files):
+        log(f"AOT kernels: up to date in {out_dir} ({len(VARIANTS)} variants x {len(arches)} arches)")
+        return False
+    start = time.time()
+    rows = compile_all(arches, jobs)
+    for path, text in zip(files, (generate_table(rows), generate_header())):
+        with open(path + ".tmp", "w") as f:
+            f.write(text)
+        os.replace(path + ".tmp", path)
+    with open(stamp, "w") as f:
+        f.write(digest)
+    log(f"AOT kernels: compiled {len(rows)} cubins ({len(VARIANTS)} variants x sm_{', sm_'.join(arches)}) "
+        f"in {time.time() - start:.0f} s into {out_dir}")
+    return True
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--arches", default=os.environ.get("NANOTRAIN_CUDA_ARCHES", DEFAULT_ARCHES))
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--jobs", type=int, default=int(os.environ.get("MAX_JOBS", "2")))
+    parser.add_argument("--header-only", action="store_true", help="write aot_args.h only (no compiles)")
+    a = parser.parse_args(argv)
+    if a.header_only:
+        os.makedirs(a.out, exist_ok=True)
+        with open(os.path.join(a.out, "aot_args.h"), "w") as f:
+            f.write(generate_header())
+        return 0
+    build(a.out, parse_arches(a.arches), a.jobs, log=lambda m: print(m, file=sys.stderr))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
