@@ -138,8 +138,15 @@ def capability_of(arch: str) -> tuple[int, int]:
     return n // 10, n % 10
 
 
-def _flag_names(fn) -> list[str]:
-    return [n for n, p in zip(fn.arg_names, fn.params) if p.is_constexpr]
+def signature(fn) -> list[tuple[str, bool]]:
+    """(name, is_constexpr) of each parameter of a @triton.jit kernel, in order; also under TRITON_INTERPRET=1,
+    where the kernel is an InterpretedFunction without Triton's parameter objects (the tests run there)."""
+    if hasattr(fn, "params"):
+        return [(n, bool(p.is_constexpr)) for n, p in zip(fn.arg_names, fn.params)]
+    import inspect
+
+    params = inspect.signature(fn.fn).parameters
+    return [(n, "constexpr" in str(params[n].annotation)) for n in fn.arg_names]
 
 
 def describe(entry: Entry, arch: str) -> dict:
@@ -151,11 +158,14 @@ def describe(entry: Entry, arch: str) -> dict:
     fn = _kernel_fn(entry.kernel)
     config, warps, stages = KERNELS[entry.kernel][1](capability_of(arch))
     params, constexprs = [], {}
-    for name, p in zip(fn.arg_names, fn.params):
-        if p.is_constexpr:
+    for name, is_constexpr in signature(fn):
+        if is_constexpr:
             value = config[name] if name in config else entry.args[name]
             constexprs[name] = value if isinstance(value, (bool, int)) else str(value)
             continue
+        if name not in entry.args:
+            raise KeyError(f"{entry.kernel}: parameter {name!r} of {fn.__name__} has no example value in "
+                           f"kernels/_aot.py's entry [{entry.label}]: the kernel's signature changed, update VARIANTS")
         value = entry.args[name]
         kind, _, div16 = _arg_spec(value, False)
         if kind.startswith("*"):
@@ -221,7 +231,7 @@ def generate_header() -> str:
              "namespace nanotrain::aot {", ""]
     for kernel in KERNELS:
         fn = _kernel_fn(kernel)
-        runtime = [n for n, p in zip(fn.arg_names, fn.params) if not p.is_constexpr]
+        runtime = [n for n, is_constexpr in signature(fn) if not is_constexpr]
         example = next(e for e in VARIANTS if e.kernel == kernel)
         s = _struct_name(kernel)
         lines.append(f"// {KERNELS[kernel][0]}: the runtime parameters, in order (constexprs are the variant's).")

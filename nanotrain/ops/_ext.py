@@ -110,13 +110,13 @@ def aot_unavailable(kernels: tuple[str, ...], device: torch.device) -> str | Non
     kernels for this device's architecture."""
     if load_extension() is None:
         return f"extension nanotrain._C {extension_status()}"
+    table = aot_table()
+    if not table:
+        return "the extension was built without CUDA (no nvcc at build time, or NANOTRAIN_NO_CUDA=1): no cubins"
     if device.type != "cuda":
         return f"device type '{device.type}' unsupported (the cubins run on CUDA GPUs only)"
     if not torch.cuda.is_available():
         return "no CUDA device"
-    table = aot_table()
-    if not table:
-        return "the extension was built without CUDA (no nvcc at build time, or NANOTRAIN_NO_CUDA=1): no cubins"
     for kernel in kernels:
         if not has_kernel(f"aot_{kernel}", "CUDA"):
             return f"the extension has no CUDA kernel for nanotrain::aot_{kernel}"
