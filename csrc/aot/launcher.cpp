@@ -1,9 +1,9 @@
 // The driver-API launcher of the ahead-of-time compiled kernels (see launcher.h).
 #include "aot/launcher.h"
 
-#include <ATen/cuda/CUDAContext.h>
 #include <c10/util/Exception.h>
 #include <cuda.h>
+#include <cuda_runtime_api.h>
 #include <dlfcn.h>
 
 #include <cstring>
@@ -123,9 +123,12 @@ Tensorish::Tensorish(const at::Tensor& t) : ptr(t.data_ptr()), dtype("") {
 }
 
 std::string device_arch(int device) {
-  const cudaDeviceProp* prop = at::cuda::getDeviceProperties(device);
-  std::string arch = std::to_string(prop->major * 10 + prop->minor);
-  return prop->major == 9 ? arch + "a" : arch;  // Triton compiles sm_90a for a 9.0 device
+  int major = 0, minor = 0;
+  TORCH_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) == cudaSuccess &&
+                  cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device) == cudaSuccess,
+              "nanotrain AOT kernels: cannot read the compute capability of CUDA device ", device);
+  std::string arch = std::to_string(major * 10 + minor);
+  return major == 9 ? arch + "a" : arch;  // Triton compiles sm_90a for a 9.0 device
 }
 
 const Variant* find(const char* kernel, const std::string& arch, std::initializer_list<Constexpr> flags,

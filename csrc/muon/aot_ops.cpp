@@ -2,8 +2,8 @@
 // (kernels/newton_schulz.py: _sym_matmul_kernel, _axpby_matmul_kernel; the variants are listed in
 // kernels/_aot.py). Their Python twins are kernels/newton_schulz.py sym_matmul and axpby_matmul; the grids
 // here are theirs. Schemas: csrc/registration.cpp; fakes: nanotrain/ops/_ext.py.
-#include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
 #include <optional>
@@ -67,7 +67,7 @@ void aot_sym_matmul(const Tensor& P, const Tensor& S, const Tensor& out, double 
   const aot::Variant* v = aot::find(aot::kSymMatmulKernel, arch, flags, values.data(), values.size());
   if (v == nullptr) no_cubin(aot::kSymMatmulKernel, arch, flags);
   const int64_t T = cdiv(M, aot::constexpr_of(*v, "BLOCK_M"));
-  aot::launch(*v, device, at::cuda::getCurrentCUDAStream(device).stream(),
+  aot::launch(*v, device, c10::cuda::getCurrentCUDAStream(device).stream(),
               {static_cast<uint32_t>(T * (T + 1) / 2), static_cast<uint32_t>(B), 1u}, values.data(), values.size());
 }
 
@@ -94,7 +94,7 @@ void aot_axpby_matmul(const Tensor& Bm, const Tensor& X, const Tensor& out, std:
   const aot::Variant* v = aot::find(aot::kAxpbyMatmulKernel, arch, flags, values.data(), values.size());
   if (v == nullptr) no_cubin(aot::kAxpbyMatmulKernel, arch, flags);
   const int64_t tiles = cdiv(M, aot::constexpr_of(*v, "BLOCK_M")) * cdiv(N, aot::constexpr_of(*v, "BLOCK_N"));
-  aot::launch(*v, device, at::cuda::getCurrentCUDAStream(device).stream(),
+  aot::launch(*v, device, c10::cuda::getCurrentCUDAStream(device).stream(),
               {static_cast<uint32_t>(tiles), static_cast<uint32_t>(Bn), 1u}, values.data(), values.size());
 }
 
