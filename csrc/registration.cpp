@@ -21,4 +21,13 @@ TORCH_LIBRARY(nanotrain, m) {
       "aot_sym_matmul(Tensor P, Tensor S, Tensor(a!) out, float alpha, Tensor? Z, float beta, float gamma)"
       " -> ()");
   m.def("aot_axpby_matmul(Tensor B, Tensor X, Tensor(a!) out, float? alpha) -> ()");
+
+  // Sliding-window causal attention from the ahead-of-time compiled Triton kernels (attention/aot_ops.cpp):
+  // q (B, T, H, D), k/v (B, T, Hkv, D); the forward writes out and lse (B, H, T) float32, the backward dq, dk, dv.
+  m.def(
+      "aot_attention_fwd(Tensor q, Tensor k, Tensor v, Tensor(a!) out, Tensor(b!) lse, int? window, float scale)"
+      " -> ()");
+  m.def(
+      "aot_attention_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor(a!) dq,"
+      " Tensor(b!) dk, Tensor(c!) dv, int? window, float scale) -> ()");
 }

@@ -18,5 +18,6 @@ set(NANOTRAIN_CPP_SOURCES
 # argument structs), in setup.py's build folder (build/aot) or CMake's binary folder.
 set(NANOTRAIN_CUDA_SOURCES
   csrc/aot/launcher.cpp
+  csrc/attention/aot_ops.cpp
   csrc/muon/aot_ops.cpp
 )

@@ -22,6 +22,9 @@ config, the same specialization and the same Triton, the cubin is the one the JI
 outputs are bit for bit those of the Triton backend (to verify on a GPU: tests/test_aot.py, gpu-marked).
 
 The variants compiled (the training-critical ones; any other call is served by the Triton JIT backend):
+  Attention (kernels/attention.py: forward, backward preprocess, dK/dV, dQ), bfloat16, HEAD_DIM 64 and 128,
+  each with a training-layout row and a generic row. The window (full or sliding) and the GQA group count are
+  runtime ints, so every window kind and GQA shape is served by the same cubins.
   Muon products (kernels/newton_schulz.py), bfloat16 only (the iteration's compute dtype on the GPU),
   DOT_PRECISION tf32 (ignored for 16-bit operands), HAS_I False:
     sym_matmul   HAS_Z False: row-major, column-major (a tall matrix's transpose view), generic
@@ -60,13 +63,16 @@ class Entry:
     args: dict = field(hash=False)
 
 
+def _module(name: str):
+    import importlib
+
+    return importlib.import_module(f"kernels.{name}")
+
+
 def _ns():
-    from kernels import newton_schulz
-
-    return newton_schulz
+    return _module("newton_schulz")
 
 
-# kernel name -> (module getter, function attribute, config function of capability -> (constexprs, warps, stages))
 def _sym_config(capability: tuple[int, int]) -> tuple[dict, int, int]:
     c = _ns()._sym_configs(capability)[0]
     return dict(c.kwargs), c.num_warps, c.num_stages
@@ -77,14 +83,37 @@ def _axpby_config(capability: tuple[int, int]) -> tuple[dict, int, int]:
     return dict(c.kwargs), c.num_warps, c.num_stages
 
 
+def _attention_config(kind: str):
+    def config(capability: tuple[int, int]) -> tuple[dict, int, int]:
+        attn = _module("attention")
+        bm, bn, warps, stages = attn._GPU_CONFIGS[attn.gpu_generation(capability)][kind][0]
+        return {"BLOCK_M": bm, "BLOCK_N": bn}, warps, stages
+    return config
+
+
+def _preprocess_config(capability: tuple[int, int]) -> tuple[dict, int, int]:
+    # attention_bwd launches it with BLOCK_M=64 and Triton's default launch shape (4 warps, 3 stages)
+    return {"BLOCK_M": 64}, 4, 3
+
+
+# kernel name -> (module in kernels/, function attribute, config of a capability -> (constexprs, warps, stages))
 KERNELS = {
-    "sym_matmul": ("_sym_matmul_kernel", _sym_config),
-    "axpby_matmul": ("_axpby_matmul_kernel", _axpby_config),
+    "sym_matmul": ("newton_schulz", "_sym_matmul_kernel", _sym_config),
+    "axpby_matmul": ("newton_schulz", "_axpby_matmul_kernel", _axpby_config),
+    "attn_fwd": ("attention", "_attention_fwd_kernel", _attention_config("fwd")),
+    "attn_preprocess": ("attention", "_attention_bwd_preprocess_kernel", _preprocess_config),
+    "attn_dkdv": ("attention", "_attention_bwd_dkdv_kernel", _attention_config("dkdv")),
+    "attn_dq": ("attention", "_attention_bwd_dq_kernel", _attention_config("dq")),
 }
 
 
 def _kernel_fn(kernel: str):
-    return getattr(_ns(), KERNELS[kernel][0])
+    module, attr, _ = KERNELS[kernel]
+    return getattr(_module(module), attr)
+
+
+def _config(kernel: str, capability: tuple[int, int]) -> tuple[dict, int, int]:
+    return KERNELS[kernel][2](capability)
 
 
 def _strides(layout: str, prefix: str, rows: str, cols: str) -> dict:
@@ -116,11 +145,49 @@ def _axpby_entry(add_x: bool, layout: str) -> Entry:
     return Entry("axpby_matmul", f"bf16 ADD_X={int(add_x)} {layout}", args)
 
 
+def signature(fn) -> list[tuple[str, bool]]:
+    """(name, is_constexpr) of each parameter of a @triton.jit kernel, in order; also under TRITON_INTERPRET=1,
+    where the kernel is an InterpretedFunction without Triton's parameter objects (the tests run there)."""
+    if hasattr(fn, "params"):
+        return [(n, bool(p.is_constexpr)) for n, p in zip(fn.arg_names, fn.params)]
+    import inspect
+
+    params = inspect.signature(fn.fn).parameters
+    return [(n, "constexpr" in str(params[n].annotation)) for n in fn.arg_names]
+
+
+# The attention kernels' pointers: (B, T, H, D) tensors in bfloat16, (B, H, T) float32 statistics.
+_ATTENTION_POINTERS = {**{n: "*bf16" for n in ("Q", "K", "V", "OUT", "DO", "DQ", "DK", "DV")},
+                       "LSE": "*fp32", "DELTA": "*fp32"}
+
+
+def _attention_entry(kernel: str, head_dim: int, layout: str) -> Entry:
+    """An attention kernel's entry: 'row' is training's layout ((B, T, H, D) tensors with D = head_dim, so every
+    stride a multiple of 16; T a multiple of 16; H, GROUPS and the window any value); 'any' the generic one."""
+    fn = _kernel_fn(kernel)
+    args: dict = {}
+    for name, is_constexpr in signature(fn):
+        if is_constexpr:
+            continue
+        if name in _ATTENTION_POINTERS:
+            args[name] = _ATTENTION_POINTERS[name]
+        elif name in ("qk_scale", "sm_scale"):
+            args[name] = 1.0
+        elif layout == "any" or name in ("H", "H_KV", "GROUPS", "window"):
+            args[name] = ANY
+        else:  # strides, T, and the autotuner's buckets TUNE_* (powers of 2 >= 16, or 0: unused by the math)
+            args[name] = DIV16
+    args["HEAD_DIM"] = head_dim
+    return Entry(kernel, f"bf16 HEAD_DIM={head_dim} {layout}", args)
+
+
 # Per kernel, the most specialized first: the launcher takes the first row that admits a call.
 VARIANTS: list[Entry] = [
     _sym_entry(False, "row"), _sym_entry(False, "col"), _sym_entry(True, "row"),
     _sym_entry(False, "any"), _sym_entry(True, "any"),
     _axpby_entry(True, "row"), _axpby_entry(True, "col"), _axpby_entry(True, "any"), _axpby_entry(False, "any"),
+    *[_attention_entry(kernel, head_dim, layout) for kernel in ("attn_fwd", "attn_preprocess", "attn_dkdv", "attn_dq")
+      for head_dim in (64, 128) for layout in ("row", "any")],
 ]
 
 
@@ -138,17 +205,6 @@ def capability_of(arch: str) -> tuple[int, int]:
     return n // 10, n % 10
 
 
-def signature(fn) -> list[tuple[str, bool]]:
-    """(name, is_constexpr) of each parameter of a @triton.jit kernel, in order; also under TRITON_INTERPRET=1,
-    where the kernel is an InterpretedFunction without Triton's parameter objects (the tests run there)."""
-    if hasattr(fn, "params"):
-        return [(n, bool(p.is_constexpr)) for n, p in zip(fn.arg_names, fn.params)]
-    import inspect
-
-    params = inspect.signature(fn.fn).parameters
-    return [(n, "constexpr" in str(params[n].annotation)) for n in fn.arg_names]
-
-
 def describe(entry: Entry, arch: str) -> dict:
     """The launcher's view of one compiled variant, derived from the kernel's current signature and the
     entry (no compile): parameters in kernel order with kind ('ptr', 'i32', 'i64', 'fp32', 'one': the
@@ -156,7 +212,7 @@ def describe(entry: Entry, arch: str) -> dict:
     from kernels._compile import _arg_spec
 
     fn = _kernel_fn(entry.kernel)
-    config, warps, stages = KERNELS[entry.kernel][1](capability_of(arch))
+    config, warps, stages = _config(entry.kernel, capability_of(arch))
     params, constexprs = [], {}
     for name, is_constexpr in signature(fn):
         if is_constexpr:
@@ -234,7 +290,7 @@ def generate_header() -> str:
         runtime = [n for n, is_constexpr in signature(fn) if not is_constexpr]
         example = next(e for e in VARIANTS if e.kernel == kernel)
         s = _struct_name(kernel)
-        lines.append(f"// {KERNELS[kernel][0]}: the runtime parameters, in order (constexprs are the variant's).")
+        lines.append(f"// {KERNELS[kernel][1]}: the runtime parameters, in order (constexprs are the variant's).")
         lines.append(f"struct {s} {{")
         types = {}
         for n in runtime:
@@ -306,7 +362,7 @@ def source_digest(arches: list[str]) -> str:
 
     here = os.path.dirname(os.path.abspath(__file__))
     h = hashlib.sha256(f"{CACHE_FORMAT} {triton.__version__} {';'.join(arches)}".encode())
-    for name in ("_aot.py", "_compile.py", "newton_schulz.py"):
+    for name in ("_aot.py", "_compile.py", *sorted({f"{module}.py" for module, _, _ in KERNELS.values()})):
         with open(os.path.join(here, name), "rb") as f:
             h.update(f.read())
     return h.hexdigest()

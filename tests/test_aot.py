@@ -109,29 +109,37 @@ def test_variant_table_is_finite_explicit_and_generic_last():
     """Each kernel's rows end with its generic rows (every int a plain i32), so any bf16 call with 32-bit ints
     finds a cubin; the specialized rows come first (the launcher takes the first that admits a call)."""
     aot = _aot()
-    by_kernel: dict[str, list] = {}
+    by_flags: dict[tuple, list] = {}  # rows compete only with rows of the same kernel and constexprs
     for e in aot.VARIANTS:
-        by_kernel.setdefault(e.kernel, []).append(e)
-    assert set(by_kernel) == set(aot.KERNELS)
-    for kernel, entries in by_kernel.items():
-        rows = [aot.describe(e, "90a") for e in entries]
+        row = aot.describe(e, "90a")
+        by_flags.setdefault((e.kernel, str(sorted(row["constexprs"].items()))), []).append(row)
+    assert {kernel for kernel, _ in by_flags} == set(aot.KERNELS)
+    for (kernel, _), rows in by_flags.items():
         generic = [all(p["kind"] in ("ptr", "i32", "fp32") and (p["hint"] == "" or p["kind"] == "ptr")
                        for p in r["params"]) for r in rows]
         assert any(generic), kernel
         first_generic = generic.index(True)
         assert all(generic[first_generic:]), f"{kernel}: a specialized row after a generic one is never taken"
-        assert all(p["dtype"] == "bf16" for r in rows for p in r["params"] if p["kind"] == "ptr")
+        assert all(p["dtype"] == ("fp32" if p["name"] in ("LSE", "DELTA") else "bf16")
+                   for r in rows for p in r["params"] if p["kind"] == "ptr")
 
 
 def test_launch_configs_are_the_autotune_lists_first_entries():
+    from kernels import attention as attn
     from kernels import newton_schulz as nsk
 
     aot = _aot()
+    entries = {e.kernel: e for e in aot.VARIANTS}
     for arch, cap in (("80", (8, 0)), ("90a", (9, 0))):
-        sym = aot.describe(aot.VARIANTS[0], arch)
+        sym = aot.describe(entries["sym_matmul"], arch)
         first = nsk._sym_configs(cap)[0]
         assert sym["constexprs"]["BLOCK_M"] == first.kwargs["BLOCK_M"] and sym["num_warps"] == first.num_warps
         assert sym["num_stages"] == first.num_stages
+        for kernel, kind in (("attn_fwd", "fwd"), ("attn_dkdv", "dkdv"), ("attn_dq", "dq")):
+            row = aot.describe(entries[kernel], arch)
+            bm, bn, warps, stages = attn._GPU_CONFIGS[attn.gpu_generation(cap)][kind][0]
+            assert (row["constexprs"]["BLOCK_M"], row["constexprs"]["BLOCK_N"], row["num_warps"],
+                    row["num_stages"]) == (bm, bn, warps, stages)
 
 
 @pytest.mark.skipif(_ext.load_extension() is None, reason="nanotrain._C is absent")
@@ -143,6 +151,14 @@ def test_aot_ops_pass_opcheck_on_meta_tensors():
         torch.library.opcheck(torch.ops.nanotrain.aot_sym_matmul.default, args)
     for alpha in (None, 1.5):
         torch.library.opcheck(torch.ops.nanotrain.aot_axpby_matmul.default, (A, X, Y, alpha))
+    q, kv = torch.empty(2, 32, 4, 64, **meta), torch.empty(2, 32, 2, 64, **meta)
+    lse = torch.empty(2, 4, 32, device="meta", dtype=torch.float32)
+    for window in (None, 8):
+        torch.library.opcheck(torch.ops.nanotrain.aot_attention_fwd.default, (q, kv, kv, q.clone(), lse, window, 0.125))
+        torch.library.opcheck(torch.ops.nanotrain.aot_attention_bwd.default,
+                              (q, q, kv, kv, q, lse, q.clone(), kv.clone(), kv.clone(), window, 0.125))
+    with pytest.raises(RuntimeError, match="lse must be"):
+        torch.ops.nanotrain.aot_attention_fwd(q, kv, kv, q.clone(), lse[:, :2], None, 0.125)
     with pytest.raises(RuntimeError, match="out must be"):
         torch.ops.nanotrain.aot_sym_matmul(P, P, X, 1.0, None, 0.0, 0.0)
     with pytest.raises(RuntimeError, match="B must be"):
@@ -150,17 +166,23 @@ def test_aot_ops_pass_opcheck_on_meta_tensors():
 
 
 @pytest.mark.skipif(_ext.load_extension() is None, reason="nanotrain._C is absent")
-def test_aot_muon_op_passes_opcheck_on_meta_tensors():
+def test_aot_python_ops_pass_opcheck_on_meta_tensors():
+    from nanotrain.ops import attention as at
     from nanotrain.ops import newton_schulz as ns
 
     G = torch.empty(3, 64, 128, device="meta", dtype=torch.float32)
     torch.library.opcheck(ns.orthogonalize_aot, (G, 5), test_utils=("test_schema", "test_faketensor"))
+    q, kv = (torch.empty(2, 32, h, 64, device="meta", dtype=torch.bfloat16) for h in (4, 2))
+    lse = torch.empty(2, 4, 32, device="meta", dtype=torch.float32)
+    torch.library.opcheck(at._aot_attention_fwd, (q, kv, kv, 16, 0.125), test_utils=("test_schema", "test_faketensor"))
+    torch.library.opcheck(at._aot_attention_bwd, (q, q, kv, kv, q, lse, 16, 0.125),
+                          test_utils=("test_schema", "test_faketensor"))
 
 
 def test_aot_backend_is_preferred_and_says_why_it_cannot_serve():
-    from nanotrain.ops import newton_schulz  # noqa: F401  (registers the backends)
+    from nanotrain.ops import attention, newton_schulz  # noqa: F401  (registers the backends)
 
-    for op in ("muon", "muon_update"):
+    for op in ("muon", "muon_update", "attention"):
         names = [b.name for b in registry.backends(op)]
         assert names.index("aot") < names.index("triton") < names.index("reference")
         aot = next(b for b in registry.backends(op) if b.name == "aot")
@@ -172,6 +194,14 @@ def test_aot_backend_is_preferred_and_says_why_it_cannot_serve():
     else:
         assert "without CUDA" in why or "absent" in why or "disabled" in why
     assert backend.name == "reference"
+
+
+def test_aot_attention_check_names_dtype_and_head_dim():
+    from nanotrain.ops import attention as at
+
+    cuda = torch.device("cuda", 0)
+    assert "bfloat16 only" in at.aot_check(cuda, torch.float16, head_dim=64)
+    assert "head_dim 96" in at.aot_check(cuda, torch.bfloat16, head_dim=96)
 
 
 def test_aot_check_names_the_missing_arch(monkeypatch):
@@ -186,14 +216,20 @@ def test_aot_check_names_the_missing_arch(monkeypatch):
     assert why is not None and "no cubin of sym_matmul for sm_86" in why and "sm_80" in why
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
     assert _ext.aot_unavailable(("sym_matmul", "axpby_matmul"), torch.device("cuda", 0)) is None
+    assert _ext.aot_unavailable(("attn_fwd", "attn_dq"), torch.device("cuda", 0), HEAD_DIM=128) is None
+    why = _ext.aot_unavailable(("attn_fwd",), torch.device("cuda", 0), HEAD_DIM=32)
+    assert why is not None and "HEAD_DIM=32" in why
 
 
 def test_extension_status_lists_the_cubins():
     status = _ext.extension_status()
     if TABLE:
-        arches = sorted({r["arch"] for r in TABLE})
-        assert "AOT cubins: sym_matmul x5, axpby_matmul x4 for " in status
-        assert all(f"sm_{a}" in status for a in arches)
+        counts: dict[str, int] = {}
+        for e in _aot().VARIANTS:
+            counts[e.kernel] = counts.get(e.kernel, 0) + 1
+        listed = ", ".join(f"{k} x{n}" for k, n in counts.items())
+        assert f"AOT cubins: {listed} for " in status
+        assert all(f"sm_{a}" in status for a in {r["arch"] for r in TABLE})
 
 
 @pytest.mark.slow
@@ -259,6 +295,32 @@ def test_aot_equals_triton_bit_for_bit(shape, monkeypatch):
         nsk.axpby_matmul(a_jit, cur, y_jit, 0.5)
         assert torch.equal(y_aot, y_jit)
     nsk._tuned.cache_clear()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("head_dim,window,heads", [(128, None, (6, 6)), (64, 100, (8, 2)), (128, 512, (4, 1))])
+def test_aot_attention_equals_triton_bit_for_bit(head_dim, window, heads, monkeypatch):
+    """Forward and backward (dq, dk, dv) of the AOT attention against the Triton path with its first configs."""
+    _gpu_has_cubins()
+    monkeypatch.setenv("NANOTRAIN_AUTOTUNE", "first")
+    from kernels import attention as attn
+    from nanotrain.ops import attention as at
+
+    if at.aot_check(torch.device("cuda"), torch.bfloat16, head_dim=head_dim):
+        pytest.skip(at.aot_check(torch.device("cuda"), torch.bfloat16, head_dim=head_dim))
+    attn._tuned.cache_clear()
+    h, hkv = heads
+    q = torch.randn(2, 1024, h, head_dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    k, v = (torch.randn(2, 1024, hkv, head_dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+            for _ in range(2))
+    g = torch.randn(2, 1024, h, head_dim, device="cuda", dtype=torch.bfloat16)
+    grads = {}
+    for name, fn in (("aot", at.aot_attention), ("triton", at.triton_attention)):
+        out = fn(q, k, v, window)
+        grads[name] = (out, *torch.autograd.grad(out, (q, k, v), g))
+    for a, b in zip(grads["aot"], grads["triton"]):
+        assert torch.equal(a, b)
+    attn._tuned.cache_clear()
 
 
 @pytest.mark.gpu

@@ -104,10 +104,12 @@ def device_arch(device: torch.device) -> str:
     return f"{10 * major + minor}" + ("a" if major == 9 else "")
 
 
-def aot_unavailable(kernels: tuple[str, ...], device: torch.device) -> str | None:
+def aot_unavailable(kernels: tuple[str, ...], device: torch.device, ops: tuple[str, ...] | None = None,
+                    **constexprs: int) -> str | None:
     """Why the extension's ahead-of-time cubins cannot serve `kernels` on `device` (None if they can): the
-    extension is absent, was built without CUDA, has no CUDA kernel for the ops, or holds no cubin of one of the
-    kernels for this device's architecture."""
+    extension is absent, was built without CUDA, has no CUDA kernel for the ops (`ops`, default aot_<kernel>),
+    or holds no cubin of one of the kernels for this device's architecture (with these constexpr values, e.g.
+    HEAD_DIM=128)."""
     if load_extension() is None:
         return f"extension nanotrain._C {extension_status()}"
     table = aot_table()
@@ -117,15 +119,19 @@ def aot_unavailable(kernels: tuple[str, ...], device: torch.device) -> str | Non
         return f"device type '{device.type}' unsupported (the cubins run on CUDA GPUs only)"
     if not torch.cuda.is_available():
         return "no CUDA device"
-    for kernel in kernels:
-        if not has_kernel(f"aot_{kernel}", "CUDA"):
-            return f"the extension has no CUDA kernel for nanotrain::aot_{kernel}"
+    for op in ops if ops is not None else tuple(f"aot_{k}" for k in kernels):
+        if not has_kernel(op, "CUDA"):
+            return f"the extension has no CUDA kernel for nanotrain::{op}"
     arch = device_arch(device)
     held = sorted({row["arch"] for row in table})
     for kernel in kernels:
         if not any(row["kernel"] == kernel and row["arch"] == arch for row in table):
             return (f"no cubin of {kernel} for sm_{arch} (the extension holds sm_{', sm_'.join(held)}): rebuild with "
                     f"NANOTRAIN_CUDA_ARCHES including {arch}")
+        if constexprs and not any(row["kernel"] == kernel and row["arch"] == arch and
+                                  all(row["constexprs"].get(k) == v for k, v in constexprs.items()) for row in table):
+            which = ", ".join(f"{k}={v}" for k, v in constexprs.items())
+            return f"no cubin of {kernel} with {which} (see kernels/_aot.py VARIANTS for the compiled ones)"
     return None
 
 
@@ -164,6 +170,21 @@ def _register_fakes() -> None:
         torch._check(P.dim() == 3 and S.shape == P.shape, lambda: "aot_sym_matmul: S must have P's (B, M, K) shape")
         torch._check(out.shape == (P.shape[0], P.shape[1], P.shape[1]), lambda: "aot_sym_matmul: out must be (B, M, M)")
         torch._check(Z is None or Z.shape == out.shape, lambda: "aot_sym_matmul: Z must have out's shape")
+        return None
+
+    @torch.library.register_fake("nanotrain::aot_attention_fwd")
+    def _aot_attention_fwd_fake(q, k, v, out, lse, window, scale):
+        B, T, H, D = q.shape
+        torch._check(out.shape == q.shape, lambda: "aot_attention_fwd: out must have q's (B, T, H, D) shape")
+        torch._check(lse.shape == (B, H, T), lambda: "aot_attention_fwd: lse must be (B, H, T)")
+        torch._check(k.shape == v.shape and H % k.shape[2] == 0,
+                     lambda: "aot_attention_fwd: k, v must be (B, T, Hkv, D)")
+        return None
+
+    @torch.library.register_fake("nanotrain::aot_attention_bwd")
+    def _aot_attention_bwd_fake(grad_out, q, k, v, out, lse, dq, dk, dv, window, scale):
+        torch._check(dq.shape == q.shape and dk.shape == k.shape and dv.shape == v.shape,
+                     lambda: "aot_attention_bwd: dq, dk, dv must have the shapes of q, k, v")
         return None
 
     @torch.library.register_fake("nanotrain::aot_axpby_matmul")
