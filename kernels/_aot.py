@@ -47,7 +47,7 @@ import time
 from dataclasses import dataclass, field
 
 DEFAULT_ARCHES = "80;90a"
-CACHE_FORMAT = 1  # bump when the generated files change shape
+CACHE_FORMAT = 2  # bump when the generated files change shape
 
 # An example value per class of int argument (see the module doc).
 ONE, DIV16, ANY = 1, 16, 17
@@ -247,7 +247,13 @@ def compile_entry(entry: Entry, arch: str) -> dict:
     if scratch:
         raise RuntimeError(f"{entry.kernel} [{entry.label}] sm_{arch} needs scratch memory {scratch}, which the "
                            "AOT launcher does not allocate")
-    row.update(function=out["name"], shared=int(out["shared"]), cubin=out["cubin"],
+    entry_params = re.search(r"\.entry\s+\w+\s*\((.*?)\)", out["ptx"], re.S)
+    passed = sum(p["kind"] != "one" for p in row["params"])
+    hidden = len(re.findall(r"\.param\s", entry_params.group(1))) - passed if entry_params else -1
+    if hidden < 0:
+        raise RuntimeError(f"{entry.kernel} [{entry.label}] sm_{arch}: the PTX entry does not take the {passed} "
+                           "parameters the table lists")
+    row.update(function=out["name"], shared=int(out["shared"]), cubin=out["cubin"], hidden_params=hidden,
                sha256=hashlib.sha256(out["cubin"]).hexdigest(), regs=out.get("regs"),
                spills=out.get("spill_stores", 0) + out.get("spill_loads", 0))
     return row
@@ -340,7 +346,7 @@ def generate_table(rows: list[dict]) -> str:
         n_consts = sum(isinstance(v, (bool, int)) for v in r["constexprs"].values())
         out.append(f"  {{{_c_string(r['kernel'])}, {_c_string(r['label'])}, {_c_string(r['arch'])}, "
                    f"{_c_string(r['function'])}, kCubin{i}, {len(r['cubin'])}, {r['num_warps']}, {r['shared']}, "
-                   f"kParams{i}, {len(r['params'])}, kConsts{i}, {n_consts}}},")
+                   f"kParams{i}, {len(r['params'])}, kConsts{i}, {n_consts}, {r['hidden_params']}}},")
     out.append("};")
     table = [{k: v for k, v in r.items() if k != "cubin"} | {"cubin_bytes": len(r["cubin"])} for r in rows]
     blob = json.dumps(table, sort_keys=True)

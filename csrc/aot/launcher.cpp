@@ -162,7 +162,7 @@ void launch(const Variant& v, int device, void* stream, std::array<uint32_t, 3> 
               grid[1], ", ", grid[2], ") exceeds the 65535 limit of the y and z dimensions");
   if (grid[0] == 0 || grid[1] == 0 || grid[2] == 0) return;
   constexpr int kMax = 64;
-  TORCH_CHECK(v.num_params + 2 <= kMax, "nanotrain AOT kernel ", v.kernel, ": too many parameters");
+  TORCH_CHECK(v.num_params + v.hidden_params <= kMax, "nanotrain AOT kernel ", v.kernel, ": too many parameters");
   alignas(8) unsigned char storage[kMax][8];
   void* params[kMax];
   int n = 0;
@@ -179,7 +179,7 @@ void launch(const Variant& v, int device, void* stream, std::array<uint32_t, 3> 
     params[n] = storage[n];
     ++n;
   }
-  for (int k = 0; k < 2; ++k) {  // Triton's global and profile scratch pointers: none needed (generator checks)
+  for (int k = 0; k < v.hidden_params; ++k) {  // Triton's scratch pointers: none needed (the generator checks)
     const void* null = nullptr;
     std::memcpy(storage[n], &null, sizeof null);
     params[n] = storage[n];

@@ -7,8 +7,8 @@
 // flags equal the call's and whose parameter classes admit the call's values (a pointer's dtype and 16-byte
 // alignment, an int equal to 1 where the variant compiled the constant 1, a multiple of 16 where it assumed
 // one, an int32 range). `launch` packs the values the row keeps (the constant-1 ones are not parameters) in
-// the row's types, adds Triton's two scratch pointers (null: the generator refuses kernels that need
-// scratch) and launches through the CUDA driver API. libcuda is opened with dlopen at the first launch, so
+// the row's types, adds the trailing pointers Triton appends to every kernel (its scratch buffers; null:
+// the generator refuses kernels that need scratch; their count read from the PTX entry) and launches through the CUDA driver API. libcuda is opened with dlopen at the first launch, so
 // the library loads on machines without a driver (CPU CI).
 #pragma once
 
@@ -52,6 +52,7 @@ struct Variant {
   int num_params;
   const Constexpr* constexprs;  // flags and block sizes (the int and bool constexprs)
   int num_constexprs;
+  int hidden_params;  // trailing pointers Triton adds (global and profile scratch: 2 in Triton 3.8), passed null
 };
 
 extern const Variant kVariants[];
