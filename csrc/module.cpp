@@ -3,6 +3,8 @@
 // time, so nanotrain.ops._ext can say how the extension was built, and the ahead-of-time kernels' table.
 #include <Python.h>
 
+#include <cstdint>
+
 #ifndef NANOTRAIN_WITH_CUDA
 #define NANOTRAIN_WITH_CUDA 0
 #endif
@@ -21,10 +23,78 @@
 #if NANOTRAIN_WITH_CUDA
 extern "C" const char* nanotrain_aot_table_json();
 extern "C" int nanotrain_aot_cubin(int i, const unsigned char** data, size_t* size);
+extern "C" int nanotrain_aot_select(const char* kernel, const char* arch, const char* const* flag_names,
+                                    const int64_t* flag_values, int num_flags, const int* tags,
+                                    const char* const* dtypes, const int64_t* ints, const double* floats, int n);
 #else
 static const char* nanotrain_aot_table_json() { return "[]"; }
 static int nanotrain_aot_cubin(int, const unsigned char**, size_t*) { return 0; }
+static int nanotrain_aot_select(const char*, const char*, const char* const*, const int64_t*, int, const int*,
+                                const char* const*, const int64_t*, const double*, int) {
+  return -1;
+}
 #endif
+
+#include <string>
+#include <vector>
+
+// aot_select(kernel, arch, flags, args) -> int: the AOT_TABLE row the launcher would take for a call, or -1.
+// flags: {name: int}; args: the kernel's runtime arguments in order, a pointer as (dtype, address), an int, a
+// float. Lets a machine without a GPU test the launcher's choice (csrc/aot/launcher.cpp find).
+static PyObject* aot_select(PyObject*, PyObject* args) {
+  const char* kernel = nullptr;
+  const char* arch = nullptr;
+  PyObject* flags = nullptr;
+  PyObject* values = nullptr;
+  if (!PyArg_ParseTuple(args, "ssO!O!", &kernel, &arch, &PyDict_Type, &flags, &PyList_Type, &values)) {
+    return nullptr;
+  }
+  std::vector<std::string> names;
+  std::vector<int64_t> flag_values;
+  PyObject *key = nullptr, *value = nullptr;
+  Py_ssize_t pos = 0;
+  while (PyDict_Next(flags, &pos, &key, &value)) {
+    const char* name = PyUnicode_AsUTF8(key);
+    const long long v = PyLong_AsLongLong(value);
+    if (name == nullptr || (v == -1 && PyErr_Occurred())) return nullptr;
+    names.emplace_back(name);
+    flag_values.push_back(v);
+  }
+  std::vector<const char*> name_ptrs;
+  for (const auto& n : names) name_ptrs.push_back(n.c_str());
+  const Py_ssize_t n = PyList_Size(values);
+  std::vector<int> tags(n);
+  std::vector<std::string> dtypes(n);
+  std::vector<int64_t> ints(n, 0);
+  std::vector<double> floats(n, 0.0);
+  for (Py_ssize_t i = 0; i < n; ++i) {
+    PyObject* item = PyList_GetItem(values, i);
+    if (PyTuple_Check(item) && PyTuple_Size(item) == 2) {
+      const char* dtype = PyUnicode_AsUTF8(PyTuple_GetItem(item, 0));
+      const long long address = PyLong_AsLongLong(PyTuple_GetItem(item, 1));
+      if (dtype == nullptr || (address == -1 && PyErr_Occurred())) return nullptr;
+      tags[i] = 0;
+      dtypes[i] = dtype;
+      ints[i] = address;
+    } else if (PyFloat_Check(item)) {
+      tags[i] = 2;
+      floats[i] = PyFloat_AsDouble(item);
+    } else if (PyLong_Check(item)) {
+      tags[i] = 1;
+      ints[i] = PyLong_AsLongLong(item);
+      if (ints[i] == -1 && PyErr_Occurred()) return nullptr;
+    } else {
+      PyErr_SetString(PyExc_TypeError, "aot_select: each argument is (dtype, address), an int or a float");
+      return nullptr;
+    }
+  }
+  std::vector<const char*> dtype_ptrs;
+  for (const auto& d : dtypes) dtype_ptrs.push_back(d.c_str());
+  const int row = nanotrain_aot_select(kernel, arch, name_ptrs.data(), flag_values.data(),
+                                       static_cast<int>(names.size()), tags.data(), dtype_ptrs.data(), ints.data(),
+                                       floats.data(), static_cast<int>(n));
+  return PyLong_FromLong(row);
+}
 
 // aot_cubin(i) -> bytes: the i-th embedded cubin (row i of AOT_TABLE), for tests and tools (cuobjdump).
 static PyObject* aot_cubin(PyObject*, PyObject* arg) {
@@ -43,6 +113,8 @@ static PyObject* aot_cubin(PyObject*, PyObject* arg) {
 
 static PyMethodDef kMethods[] = {
     {"aot_cubin", aot_cubin, METH_O, "aot_cubin(i) -> bytes: the i-th embedded ahead-of-time cubin."},
+    {"aot_select", aot_select, METH_VARARGS,
+     "aot_select(kernel, arch, flags, args) -> int: the AOT_TABLE row the launcher takes for a call, or -1."},
     {nullptr, nullptr, 0, nullptr},
 };
 

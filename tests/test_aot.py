@@ -105,6 +105,77 @@ def test_generated_packing_follows_a_signature_change(monkeypatch):
 ANY_INT = 17
 
 
+def _select(kernel: str, arch: str, flags: dict, named: dict) -> str | None:
+    """The label of the row the C++ launcher takes for a call (nanotrain._C.aot_select), or None."""
+    import nanotrain._C as C
+
+    aot = _aot()
+    args = [named[n] for n, is_constexpr in aot.signature(aot._kernel_fn(kernel)) if not is_constexpr]
+    row = C.aot_select(kernel, arch, flags, args)
+    return None if row < 0 else f"{TABLE[row]['kernel']} [{TABLE[row]['label']}] sm_{TABLE[row]['arch']}"
+
+
+def _ptr(t: torch.Tensor, offset: int = 0) -> tuple[str, int]:
+    names = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+    return names[t.dtype], t.data_ptr() + offset
+
+
+def _sym_call(P: torch.Tensor, S: torch.Tensor, out: torch.Tensor, Z: torch.Tensor | None = None, **over) -> dict:
+    """The arguments nanotrain::aot_sym_matmul passes (csrc/muon/aot_ops.cpp), by name."""
+    zz = out if Z is None else Z
+    named = {"P_ptr": _ptr(P), "S_ptr": _ptr(S), "Z_ptr": _ptr(zz), "C_ptr": _ptr(out), "M": P.shape[1],
+             "K": P.shape[2], "alpha": 1.0, "beta": 0.0, "gamma": 0.0}
+    for prefix, t, dims in (("p", P, "mk"), ("s", S, "mk"), ("z", zz, "mn"), ("c", out, "mn")):
+        named.update({f"stride_{prefix}b": t.stride(0), f"stride_{prefix}{dims[0]}": t.stride(1),
+                      f"stride_{prefix}{dims[1]}": t.stride(2)})
+    return {**named, **over}
+
+
+@with_cubins
+def test_the_launcher_picks_the_most_specialized_row_that_admits_the_call():
+    """csrc/aot/launcher.cpp find, through nanotrain._C.aot_select (no GPU needed): the training layouts take
+    their specialized rows, odd sizes the generic one, and a call no cubin can take (fp16, a misaligned pointer,
+    a 64-bit int, an arch without cubins, an uncompiled head_dim) none."""
+    if "90a" not in {r["arch"] for r in TABLE}:
+        pytest.skip("built without sm_90a")
+    bf = {"dtype": torch.bfloat16}
+    X, A, Z = torch.empty(3, 64, 256, **bf), torch.empty(3, 64, 64, **bf), torch.empty(3, 64, 64, **bf)
+    T = torch.empty(3, 256, 64, **bf).mT  # a tall matrix's transpose view, as polar_express_triton iterates it
+    no_z = {"HAS_Z": 0, "HAS_I": 0}
+    assert _select("sym_matmul", "90a", no_z, _sym_call(X, X, A)) == "sym_matmul [bf16 HAS_Z=0 row] sm_90a"
+    assert _select("sym_matmul", "80", no_z, _sym_call(X, X, A)) == "sym_matmul [bf16 HAS_Z=0 row] sm_80"
+    assert _select("sym_matmul", "90a", no_z, _sym_call(T, T, A)) == "sym_matmul [bf16 HAS_Z=0 col] sm_90a"
+    assert _select("sym_matmul", "90a", {"HAS_Z": 1, "HAS_I": 0}, _sym_call(A, A, X[:, :, :64].contiguous(), Z)) \
+        == "sym_matmul [bf16 HAS_Z=1 row] sm_90a"
+    odd, odd_a = torch.empty(3, 50, 300, **bf), torch.empty(3, 50, 50, **bf)
+    assert _select("sym_matmul", "90a", no_z, _sym_call(odd, odd, odd_a)) == "sym_matmul [bf16 HAS_Z=0 any] sm_90a"
+    assert _select("sym_matmul", "90a", no_z, _sym_call(X, X, A, P_ptr=_ptr(X, 2))) is None  # misaligned
+    half = X.half()
+    assert _select("sym_matmul", "90a", no_z, _sym_call(half, half, A.half())) is None
+    assert _select("sym_matmul", "90a", no_z, _sym_call(odd, odd, odd_a, stride_pb=2**31 + 1)) is None
+    assert _select("sym_matmul", "86", no_z, _sym_call(X, X, A)) is None
+    assert _select("sym_matmul", "90a", {"HAS_Z": 0, "HAS_I": 1}, _sym_call(X, X, A)) is None  # not compiled
+
+    q, kv = torch.empty(2, 256, 8, 128, **bf), torch.empty(2, 256, 2, 128, **bf)
+    lse = torch.empty(2, 8, 256, dtype=torch.float32)
+
+    def fwd(q, kv, lse, **over):
+        named = {"Q": _ptr(q), "K": _ptr(kv), "V": _ptr(kv), "OUT": _ptr(q), "LSE": _ptr(lse),
+                 "stride_lb": lse.stride(0), "stride_lh": lse.stride(1), "T": q.shape[1], "H": q.shape[2],
+                 "GROUPS": q.shape[2] // kv.shape[2], "window": 100, "qk_scale": 0.1, "TUNE_T": 256,
+                 "TUNE_W": 128, "TUNE_BH": 16}
+        for prefix, t in (("q", q), ("k", kv), ("v", kv), ("o", q)):
+            named.update({f"stride_{prefix}b": t.stride(0), f"stride_{prefix}t": t.stride(1),
+                          f"stride_{prefix}h": t.stride(2)})
+        return {**named, **over}
+
+    assert _select("attn_fwd", "90a", {"HEAD_DIM": 128}, fwd(q, kv, lse)) == "attn_fwd [bf16 HEAD_DIM=128 row] sm_90a"
+    q2, kv2, lse2 = torch.empty(2, 100, 8, 128, **bf), torch.empty(2, 100, 8, 128, **bf), torch.empty(2, 8, 100)
+    generic = _select("attn_fwd", "90a", {"HEAD_DIM": 128}, fwd(q2, kv2, lse2))
+    assert generic == "attn_fwd [bf16 HEAD_DIM=128 any] sm_90a"
+    assert _select("attn_fwd", "90a", {"HEAD_DIM": 96}, fwd(q, kv, lse)) is None
+
+
 def test_variant_table_is_finite_explicit_and_generic_last():
     """Each kernel's rows end with its generic rows (every int a plain i32), so any bf16 call with 32-bit ints
     finds a cubin; the specialized rows come first (the launcher takes the first that admits a call)."""

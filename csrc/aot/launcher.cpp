@@ -10,6 +10,7 @@
 #include <map>
 #include <mutex>
 #include <sstream>
+#include <vector>
 
 namespace nanotrain::aot {
 namespace {
@@ -93,8 +94,9 @@ bool admits(const Param& p, const Value& x) {
   return false;
 }
 
-bool flags_match(const Variant& v, std::initializer_list<Constexpr> flags) {
-  for (const Constexpr& f : flags) {
+bool flags_match(const Variant& v, const Constexpr* flags, int num_flags) {
+  for (int k = 0; k < num_flags; ++k) {
+    const Constexpr& f = flags[k];
     bool found = false;
     for (int i = 0; i < v.num_constexprs; ++i) {
       if (std::strcmp(v.constexprs[i].name, f.name) == 0) {
@@ -131,11 +133,12 @@ std::string device_arch(int device) {
   return major == 9 ? arch + "a" : arch;  // Triton compiles sm_90a for a 9.0 device
 }
 
-const Variant* find(const char* kernel, const std::string& arch, std::initializer_list<Constexpr> flags,
+const Variant* find(const char* kernel, const std::string& arch, const Constexpr* flags, int num_flags,
                     const Value* values, int num_values) {
   for (int r = 0; r < kNumVariants; ++r) {
     const Variant& v = kVariants[r];
-    if (v.kernel == nullptr || std::strcmp(v.kernel, kernel) != 0 || arch != v.arch || !flags_match(v, flags)) {
+    if (v.kernel == nullptr || std::strcmp(v.kernel, kernel) != 0 || arch != v.arch ||
+        !flags_match(v, flags, num_flags)) {
       continue;
     }
     TORCH_CHECK(v.num_params == num_values, "nanotrain AOT kernel ", kernel, ": the op passes ", num_values,
@@ -204,6 +207,34 @@ std::string describe_call(const char* kernel, const std::string& arch, std::init
 }
 
 }  // namespace nanotrain::aot
+
+// The row `find` picks for a call described by plain arrays (nanotrain._C's aot_select, for tests on machines
+// without a GPU): tags[i] 0 pointer (dtypes[i], address ints[i]), 1 int (ints[i]), 2 float (floats[i]).
+// Returns the row index, or -1 when no row admits the call.
+extern "C" int nanotrain_aot_select(const char* kernel, const char* arch, const char* const* flag_names,
+                                    const int64_t* flag_values, int num_flags, const int* tags,
+                                    const char* const* dtypes, const int64_t* ints, const double* floats, int n) {
+  using nanotrain::aot::Constexpr;
+  using nanotrain::aot::Value;
+  std::vector<Constexpr> flags;
+  for (int k = 0; k < num_flags; ++k) flags.push_back({flag_names[k], flag_values[k]});
+  std::vector<Value> values;
+  for (int i = 0; i < n; ++i) {
+    if (tags[i] == 0) {
+      values.push_back({Value::Tag::Ptr, reinterpret_cast<const void*>(static_cast<uintptr_t>(ints[i])), dtypes[i]});
+    } else if (tags[i] == 1) {
+      values.push_back(Value::of(ints[i]));
+    } else {
+      values.push_back(Value::of(floats[i]));
+    }
+  }
+  try {
+    const auto* v = nanotrain::aot::find(kernel, arch, flags.data(), num_flags, values.data(), n);
+    return v == nullptr ? -1 : static_cast<int>(v - nanotrain::aot::kVariants);
+  } catch (const std::exception&) {  // a wrong argument count: no row serves it
+    return -1;
+  }
+}
 
 // The embedded cubins for nanotrain._C's aot_cubin(i) (tests list them with cuobjdump).
 extern "C" int nanotrain_aot_cubin(int i, const unsigned char** data, size_t* size) {

@@ -80,8 +80,12 @@ struct Value {
 std::string device_arch(int device);
 
 // The first row for `kernel` on `arch` with these constexpr flags that admits `values`; nullptr if none.
-const Variant* find(const char* kernel, const std::string& arch, std::initializer_list<Constexpr> flags,
+const Variant* find(const char* kernel, const std::string& arch, const Constexpr* flags, int num_flags,
                     const Value* values, int num_values);
+inline const Variant* find(const char* kernel, const std::string& arch, std::initializer_list<Constexpr> flags,
+                           const Value* values, int num_values) {
+  return find(kernel, arch, flags.begin(), static_cast<int>(flags.size()), values, num_values);
+}
 
 // The value of constexpr `name` in row `v` (e.g. BLOCK_M, for the grid); TORCH_CHECK fails if absent.
 int64_t constexpr_of(const Variant& v, const char* name);
