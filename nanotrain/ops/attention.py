@@ -356,14 +356,16 @@ def aot_check(device: torch.device, dtype: torch.dtype, head_dim: int | None = N
                                 **dims)
 
 
-def _last_dim_contiguous(x: Tensor) -> Tensor:
-    return x if x.stride(-1) == 1 else x.contiguous()
+def _aot_ready(x: Tensor) -> Tensor:
+    """x with a contiguous last dimension and a 16-byte aligned start (what every compiled variant assumes, as
+    Triton's launcher assumes of torch's allocations): a copy only for an odd view."""
+    return x if x.stride(-1) == 1 and x.data_ptr() % 16 == 0 else x.clone(memory_format=torch.contiguous_format)
 
 
 @torch.library.custom_op("nanotrain::aot_attention", mutates_args=())
 def _aot_attention_fwd(q: Tensor, k: Tensor, v: Tensor, window: Optional[int], scale: float) -> tuple[Tensor, Tensor]:
     """(out (B,T,H,D), lse (B,H,T) fp32) from the ahead-of-time compiled forward kernel."""
-    q, k, v = (_last_dim_contiguous(x) for x in (q, k, v))
+    q, k, v = (_aot_ready(x) for x in (q, k, v))
     B, T, H, D = q.shape
     out = torch.empty((B, T, H, D), device=q.device, dtype=q.dtype)
     lse = torch.empty((B, H, T), device=q.device, dtype=torch.float32)
@@ -381,9 +383,10 @@ def _(q: Tensor, k: Tensor, v: Tensor, window: Optional[int], scale: float) -> t
 def _aot_attention_bwd(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
                        window: Optional[int], scale: float) -> tuple[Tensor, Tensor, Tensor]:
     """(dq, dk, dv) from the ahead-of-time compiled backward kernels (deterministic: no atomics)."""
-    grad_out, q, k, v, out = (_last_dim_contiguous(x) for x in (grad_out, q, k, v, out))
+    grad_out, q, k, v, out = (_aot_ready(x) for x in (grad_out, q, k, v, out))
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    torch.ops.nanotrain.aot_attention_bwd(grad_out, q, k, v, out, lse.contiguous(), dq, dk, dv, window, scale)
+    torch.ops.nanotrain.aot_attention_bwd(grad_out, q, k, v, out, _aot_ready(lse.contiguous()), dq, dk, dv, window,
+                                          scale)
     return dq, dk, dv
 
 
