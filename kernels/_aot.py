@@ -2,9 +2,10 @@
 
 At build time (setup.py, when nvcc is found) `python -m kernels._aot --arches "80;90a" --out DIR` compiles every
 entry of VARIANTS for every target with kernels/_compile.py (no GPU needed) and writes into DIR:
-  - aot_table.cpp: the cubins as byte arrays, one `Variant` row per (entry, target) with the compiled
-    kernel's parameter list (kind, divisibility hint, pointee dtype), launch shape (warps, shared bytes) and
-    constexpr values, and `nanotrain_aot_table_json()`, the same table as JSON for Python;
+  - aot_table.cpp: the cubins (string literals), one `Variant` row per (entry, target) with the compiled
+    kernel's parameter list (kind, divisibility hint, pointee dtype), launch shape (warps, shared bytes),
+    constexpr values and the count of trailing pointers Triton adds (read from the PTX entry), and
+    `nanotrain_aot_table_json()`, the same table as JSON for Python (nanotrain.ops._ext.aot_table);
   - aot_args.h: per kernel, a struct with one field per parameter in the kernel's order and the function
     that turns it into launcher values. The C++ ops fill these structs by field name, so a kernel whose
     signature changes no longer compiles against its op until the op is updated: the argument packing is
@@ -18,10 +19,14 @@ ends with a generic row (every int a plain i32) that serves any call whose ints 
 
 Launch configurations are FIXED per architecture: each kernel's autotune list's first entry for that
 architecture (what NANOTRAIN_AUTOTUNE=first picks), until a GPU has measured better ones. With the same
-config, the same specialization and the same Triton, the cubin is the one the JIT path would run, so the
-outputs are bit for bit those of the Triton backend (to verify on a GPU: tests/test_aot.py, gpu-marked).
+config and the same Triton, the cubin computes what the JIT path's does (the JIT may specialize a call more
+narrowly, e.g. GROUPS == 1 as a constant, which changes the code but not the arithmetic), so the outputs are
+expected bit for bit equal to the Triton backend's: NOT yet verified on a GPU (tests/test_aot.py, gpu-marked).
+A call that no row admits (an unaligned pointer, an int past 32 bits, a flag combination not compiled) is
+refused by the op with an error naming the triton backend; the backends' availability checks (dtype,
+head_dim, arch) keep training calls from getting there.
 
-The variants compiled (the training-critical ones; any other call is served by the Triton JIT backend):
+The variants compiled (the training-critical ones; any other dtype or head_dim resolves to the Triton JIT backend):
   Attention (kernels/attention.py: forward, backward preprocess, dK/dV, dQ), bfloat16, HEAD_DIM 64 and 128,
   each with a training-layout row and a generic row. The window (full or sliding) and the GQA group count are
   runtime ints, so every window kind and GQA shape is served by the same cubins.
