@@ -24,6 +24,10 @@ struct Driver {
   CUresult (*launch_kernel)(CUfunction, unsigned, unsigned, unsigned, unsigned, unsigned, unsigned, unsigned,
                             CUstream, void**, void**) = nullptr;
   CUresult (*get_error_string)(CUresult, const char**) = nullptr;
+  CUresult (*ctx_get_current)(CUcontext*) = nullptr;
+  CUresult (*ctx_set_current)(CUcontext) = nullptr;
+  CUresult (*device_get)(CUdevice*, int) = nullptr;
+  CUresult (*primary_ctx_retain)(CUcontext*, CUdevice) = nullptr;
 };
 
 template <typename F>
@@ -44,6 +48,10 @@ const Driver& driver() {
     bind(lib, "cuFuncSetAttribute", out.func_set_attribute);
     bind(lib, "cuLaunchKernel", out.launch_kernel);
     bind(lib, "cuGetErrorString", out.get_error_string);
+    bind(lib, "cuCtxGetCurrent", out.ctx_get_current);
+    bind(lib, "cuCtxSetCurrent", out.ctx_set_current);
+    bind(lib, "cuDeviceGet", out.device_get);
+    bind(lib, "cuDevicePrimaryCtxRetain", out.primary_ctx_retain);
     return out;
   }();
   return d;
@@ -55,6 +63,19 @@ void check(CUresult r, const char* what, const Variant& v) {
   driver().get_error_string(r, &msg);
   TORCH_CHECK(false, "nanotrain AOT kernel ", v.kernel, " [", v.label, "] sm_", v.arch, ": ", what, " failed: ",
               msg ? msg : "unknown error", " (", static_cast<int>(r), ")");
+}
+
+// The driver calls need a current context on this thread; torch's runtime calls make the device's primary
+// context current lazily, and a thread that made none yet (an autograd worker) may have none. As Triton's
+// launcher does: retain the primary context of `device` and make it current when the thread has none.
+void ensure_context(int device, const Variant& v) {
+  CUcontext ctx = nullptr;
+  check(driver().ctx_get_current(&ctx), "cuCtxGetCurrent", v);
+  if (ctx != nullptr) return;
+  CUdevice dev;
+  check(driver().device_get(&dev, device), "cuDeviceGet", v);
+  check(driver().primary_ctx_retain(&ctx, dev), "cuDevicePrimaryCtxRetain", v);
+  check(driver().ctx_set_current(ctx), "cuCtxSetCurrent", v);
 }
 
 // One loaded function per (row, device): cuModuleLoadData once per device, as the row is first launched there.
@@ -188,6 +209,7 @@ void launch(const Variant& v, int device, void* stream, std::array<uint32_t, 3> 
     params[n] = storage[n];
     ++n;
   }
+  ensure_context(device, v);
   CUfunction fn = function_for(v, device);
   check(driver().launch_kernel(fn, grid[0], grid[1], grid[2], 32 * v.num_warps, 1, 1, v.shared,
                                static_cast<CUstream>(stream), params, nullptr),
