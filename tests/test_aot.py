@@ -267,10 +267,12 @@ def test_aot_backend_is_preferred_and_says_why_it_cannot_serve():
     assert backend.name == "reference"
 
 
-def test_aot_attention_check_names_dtype_and_head_dim():
+def test_aot_attention_check_names_dtype_and_head_dim(monkeypatch):
     from nanotrain.ops import attention as at
 
+    monkeypatch.setattr(_ext, "aot_unavailable", lambda *args, **kw: None)  # as on a GPU with cubins
     cuda = torch.device("cuda", 0)
+    assert at.aot_check(cuda, torch.bfloat16, head_dim=128) is None
     assert "bfloat16 only" in at.aot_check(cuda, torch.float16, head_dim=64)
     assert "head_dim 96" in at.aot_check(cuda, torch.bfloat16, head_dim=96)
 

@@ -347,13 +347,15 @@ def aot_check(device: torch.device, dtype: torch.dtype, head_dim: int | None = N
     extension's cubins for this GPU (see _ext.aot_unavailable)."""
     from nanotrain.ops import _ext
 
+    device, ops = torch.device(device), ("aot_attention_fwd", "aot_attention_bwd")
+    why = _ext.aot_unavailable(AOT_KERNELS, device, ops=ops)  # the extension, the device, the arch
+    if why:
+        return why
     if dtype != torch.bfloat16:
-        return f"{dtype} has no ahead-of-time cubins (bfloat16 only; the triton backend serves it)"
+        return f"{dtype} has no ahead-of-time cubins (bfloat16 only; the next backend serves it)"
     if head_dim is not None and head_dim not in AOT_HEAD_DIMS:
-        return f"head_dim {head_dim} has no ahead-of-time cubins (64 or 128; the triton backend serves it)"
-    dims = {"HEAD_DIM": head_dim} if head_dim is not None else {}
-    return _ext.aot_unavailable(AOT_KERNELS, torch.device(device), ops=("aot_attention_fwd", "aot_attention_bwd"),
-                                **dims)
+        return f"head_dim {head_dim} has no ahead-of-time cubins (64 or 128; the next backend serves it)"
+    return _ext.aot_unavailable(AOT_KERNELS, device, ops=ops, HEAD_DIM=head_dim) if head_dim is not None else None
 
 
 def _aot_ready(x: Tensor) -> Tensor:
