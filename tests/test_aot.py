@@ -170,6 +170,8 @@ def test_the_launcher_picks_the_most_specialized_row_that_admits_the_call():
         return {**named, **over}
 
     assert _select("attn_fwd", "90a", {"HEAD_DIM": 128}, fwd(q, kv, lse)) == "attn_fwd [bf16 HEAD_DIM=128 row] sm_90a"
+    mha = torch.empty(2, 256, 8, 128, **bf)
+    assert _select("attn_fwd", "90a", {"HEAD_DIM": 128}, fwd(q, mha, lse)) == "attn_fwd [bf16 HEAD_DIM=128 mha] sm_90a"
     q2, kv2, lse2 = torch.empty(2, 100, 8, 128, **bf), torch.empty(2, 100, 8, 128, **bf), torch.empty(2, 8, 100)
     generic = _select("attn_fwd", "90a", {"HEAD_DIM": 128}, fwd(q2, kv2, lse2))
     assert generic == "attn_fwd [bf16 HEAD_DIM=128 any] sm_90a"
