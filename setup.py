@@ -2,15 +2,18 @@
 compiler is present, the C++/CUDA extension nanotrain._C.
 
 The extension's sources are listed once, in csrc/sources.cmake (CMakeLists.txt reads the same file).
-- nvcc found (CUDA_HOME, /usr/local/cuda, or on PATH) and CUDA sources listed: C++ and CUDA sources, CUDA
-  code for sm_90a and sm_80.
+- nvcc found (CUDA_HOME, /usr/local/cuda, or on PATH) and CUDA sources listed: C++ and CUDA sources, and the
+  Triton kernels compiled ahead of time for NANOTRAIN_CUDA_ARCHES (kernels/_aot.py, run in a child process;
+  cubins embedded in the library through the generated build/aot/aot_table.cpp, launched through the driver
+  API, libcuda opened at the first launch). If that compile fails, the C++ part only.
 - no nvcc, or no CUDA sources listed (the case today): the C++ sources only (the best-fit packer).
 The library finds torch's libraries through a RUNPATH relative to itself (`runpaths`), never through the
 folder it was built in.
 - NANOTRAIN_NO_EXT=1, torch missing, or a failed compile: nanotrain installs as pure Python and says the
   extension is absent (nanotrain.ops._ext.extension_status() tells why at run time).
 Environment knobs: NANOTRAIN_NO_EXT=1 (skip the extension), NANOTRAIN_NO_CUDA=1 (C++ only),
-NANOTRAIN_CUDA_ARCHES="80;90a" (which archs, default both), MAX_JOBS (parallel compile jobs, default 2).
+NANOTRAIN_CUDA_ARCHES="80;90a" (which archs, default both; also the AOT kernels' targets), MAX_JOBS (parallel
+compile jobs, default 2; also the AOT compile's processes, one per arch).
 """
 from __future__ import annotations
 
@@ -109,9 +112,16 @@ def extension_modules() -> tuple[list, dict]:
     include_dirs = [os.path.join(ROOT, "csrc")]
     cuda_sources = lists.get("NANOTRAIN_CUDA_SOURCES", [])
     with_cuda = cuda_home is not None and torch.version.cuda is not None and bool(cuda_sources)
+    aot_dir = os.path.join(ROOT, "build", "aot")
+    if with_cuda and not compile_aot_kernels(aot_dir):
+        with_cuda = False
+        cuda_failed = True
+    else:
+        cuda_failed = False
     if with_cuda:
         gencode, label = arch_flags(os.environ.get("NANOTRAIN_CUDA_ARCHES", DEFAULT_ARCHES))
-        sources += cuda_sources
+        sources += cuda_sources + [os.path.relpath(os.path.join(aot_dir, "aot_table.cpp"), ROOT)]
+        include_dirs.append(aot_dir)
         macros += [("NANOTRAIN_WITH_CUDA", "1"), ("NANOTRAIN_CUDA_ARCHES", f'"{label}"'),
                    ("NANOTRAIN_CUDA_VERSION", f'"{torch.version.cuda}"')]
         nvcc = ["-O3", "--expt-relaxed-constexpr", "-lineinfo", *gencode]
@@ -120,6 +130,7 @@ def extension_modules() -> tuple[list, dict]:
         Extension = cpp_extension.CUDAExtension
     else:
         why = "NANOTRAIN_NO_CUDA=1" if os.environ.get("NANOTRAIN_NO_CUDA") == "1" else (
+            "the ahead-of-time Triton compile failed (see above)" if cuda_failed else
             "torch has no CUDA" if torch.version.cuda is None else
             "csrc/sources.cmake lists no CUDA sources" if not cuda_sources else "no nvcc found (set CUDA_HOME)")
         say(f"building nanotrain._C CPU-only ({why}) from {len(sources)} sources.")
@@ -135,6 +146,25 @@ def extension_modules() -> tuple[list, dict]:
         extra_link_args=[f"-Wl,-rpath,{d}" for d in rpaths],
     )
     return [ext], {"build_ext": tolerant_build_ext(cpp_extension.BuildExtension)}
+
+
+def compile_aot_kernels(out_dir: str) -> bool:
+    """Compile the Triton kernels ahead of time for NANOTRAIN_CUDA_ARCHES into out_dir (aot_table.cpp, aot_args.h;
+    kernels/_aot.py, cached by the sources' digest) in a child process without TRITON_INTERPRET. False (printed)
+    when that fails, e.g. without triton: the extension is then built C++-only and the Triton JIT path serves."""
+    import subprocess
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([ROOT, env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    arches = os.environ.get("NANOTRAIN_CUDA_ARCHES", DEFAULT_ARCHES)
+    start = time.time()
+    done = subprocess.run([sys.executable, "-m", "kernels._aot", "--arches", arches, "--out", out_dir],
+                          cwd=ROOT, env=env)
+    if done.returncode != 0:
+        say(f"compiling the Triton kernels ahead of time failed (exit {done.returncode}); building the C++ part only.")
+        return False
+    say(f"ahead-of-time Triton kernels ready in {time.time() - start:.0f} s.")
+    return True
 
 
 def runpaths(torch_dir: str, with_cuda: bool) -> list[str]:

@@ -13,4 +13,21 @@ TORCH_LIBRARY(nanotrain, m) {
   m.def(
       "best_fit_pack(Tensor tokens, Tensor offsets, int num_rows, int row_len)"
       " -> (Tensor rows, Tensor consumed, Tensor cropped)");
+
+  // Muon products from the ahead-of-time compiled Triton kernels (muon/aot_ops.cpp; CUDA builds only have a
+  // kernel, every build has the schema and the fake): the symmetric product
+  // out = alpha * P @ S^T + beta * Z + gamma * I, and out = alpha * X + B @ X (B @ X when alpha is None).
+  m.def(
+      "aot_sym_matmul(Tensor P, Tensor S, Tensor(a!) out, float alpha, Tensor? Z, float beta, float gamma)"
+      " -> ()");
+  m.def("aot_axpby_matmul(Tensor B, Tensor X, Tensor(a!) out, float? alpha) -> ()");
+
+  // Sliding-window causal attention from the ahead-of-time compiled Triton kernels (attention/aot_ops.cpp):
+  // q (B, T, H, D), k/v (B, T, Hkv, D); the forward writes out and lse (B, H, T) float32, the backward dq, dk, dv.
+  m.def(
+      "aot_attention_fwd(Tensor q, Tensor k, Tensor v, Tensor(a!) out, Tensor(b!) lse, int? window, float scale)"
+      " -> ()");
+  m.def(
+      "aot_attention_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor(a!) dq,"
+      " Tensor(b!) dk, Tensor(c!) dv, int? window, float scale) -> ()");
 }

@@ -13,7 +13,11 @@ set(NANOTRAIN_CPP_SOURCES
   csrc/data/best_fit_pack.cpp
 )
 
-# Empty for now: no op has a CUDA kernel in the extension (the unused ReLU² kernel was removed; the
-# ahead-of-time kernels of issue #17 will be listed here). setup.py then builds the C++ sources alone.
+# The launcher of the ahead-of-time compiled Triton kernels and the ops that call it. Beside these, a CUDA build
+# compiles the file kernels/_aot.py generates at build time (aot_table.cpp: the cubins; aot_args.h: the
+# argument structs), in setup.py's build folder (build/aot) or CMake's binary folder.
 set(NANOTRAIN_CUDA_SOURCES
+  csrc/aot/launcher.cpp
+  csrc/attention/aot_ops.cpp
+  csrc/muon/aot_ops.cpp
 )

@@ -80,7 +80,8 @@ def _arg_spec(value, is_constexpr: bool) -> tuple[str, object, bool]:
 def compile_kernel(fn, capability: tuple[int, int], args: dict, num_warps: int = 4, num_stages: int = 3) -> dict:
     """Compile the @triton.jit `fn` for compute capability `capability` from an example call `args`
     (parameter name -> example value, see the module doc). Returns a dict: name, shared (bytes), regs,
-    spill_stores / spill_loads / stack (bytes, from the cubin), cubin (bytes), ptx (str).
+    spill_stores / spill_loads / stack (bytes, from the cubin), cubin (bytes), ptx (str), global_scratch_size /
+    profile_scratch_size (bytes per program the launcher must provide; 0 for most kernels).
 
     Raises whatever Triton raises when the kernel does not compile for that target.
     """
@@ -105,8 +106,10 @@ def compile_kernel(fn, capability: tuple[int, int], args: dict, num_warps: int =
                               target=GPUTarget("cuda", 10 * major + minor, 32),
                               options={"num_warps": num_warps, "num_stages": num_stages})
     cubin = compiled.asm["cubin"]
-    return {"name": compiled.metadata.name, "shared": compiled.metadata.shared, "cubin": cubin,
-            "ptx": compiled.asm["ptx"], **resource_usage(cubin)}
+    md = compiled.metadata
+    return {"name": md.name, "shared": md.shared, "cubin": cubin, "ptx": compiled.asm["ptx"],
+            "global_scratch_size": getattr(md, "global_scratch_size", 0),
+            "profile_scratch_size": getattr(md, "profile_scratch_size", 0), **resource_usage(cubin)}
 
 
 def _cuobjdump() -> str | None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import json
 import os
 from types import ModuleType
 
@@ -55,7 +56,7 @@ def extension_status() -> str:
     if info["torch_version"].split("+")[0] != torch.__version__.split("+")[0]:
         built_for += f", but torch {torch.__version__} runs: {REINSTALL}"
     if info["with_cuda"]:
-        return f"built with CUDA {info['cuda_version']} for {info['cuda_arches']} ({built_for})"
+        return f"built with CUDA {info['cuda_version']} for {info['cuda_arches']} ({built_for}); {aot_summary()}"
     return f"built CPU-only ({built_for})"
 
 
@@ -70,6 +71,68 @@ def build_info() -> dict:
         "cuda_version": module.CUDA_VERSION,
         "torch_version": module.TORCH_VERSION,
     }
+
+
+def aot_table() -> list[dict]:
+    """The ahead-of-time compiled kernels nanotrain._C embeds, one dict per cubin (kernels/_aot.py generates it):
+    kernel, label, arch ("80", "90a"), function, params (name, kind, hint, dtype, in the kernel's order),
+    constexprs, num_warps, num_stages, shared, sha256, cubin_bytes. [] when the extension is absent or was built
+    without CUDA (no nvcc, NANOTRAIN_NO_CUDA=1)."""
+    module = load_extension()
+    if module is None:
+        return []
+    return json.loads(getattr(module, "AOT_TABLE", "[]"))
+
+
+def aot_summary() -> str:
+    """One line on the embedded cubins, e.g. 'AOT cubins: sym_matmul x5, axpby_matmul x4 for sm_80, sm_90a'."""
+    table = aot_table()
+    if not table:
+        return "AOT cubins: none (built without CUDA: the Triton JIT path serves the kernels)"
+    kernels: dict[str, set[str]] = {}
+    for row in table:
+        kernels.setdefault(row["kernel"], set()).add(row["label"])
+    arches = sorted({row["arch"] for row in table}, key=lambda a: (int(a.rstrip("a")), a))
+    listed = ", ".join(f"{k} x{len(labels)}" for k, labels in kernels.items())
+    return f"AOT cubins: {listed} for {', '.join('sm_' + a for a in arches)}"
+
+
+def device_arch(device: torch.device) -> str:
+    """The cubin arch that runs on a CUDA device: "90a" for compute capability 9.0 (Triton compiles sm_90a
+    there), "80" for 8.0, ... (the same rule as csrc/aot/launcher.cpp's device_arch)."""
+    major, minor = torch.cuda.get_device_capability(device)
+    return f"{10 * major + minor}" + ("a" if major == 9 else "")
+
+
+def aot_unavailable(kernels: tuple[str, ...], device: torch.device, ops: tuple[str, ...] | None = None,
+                    **constexprs: int) -> str | None:
+    """Why the extension's ahead-of-time cubins cannot serve `kernels` on `device` (None if they can): the
+    extension is absent, was built without CUDA, has no CUDA kernel for the ops (`ops`, default aot_<kernel>),
+    or holds no cubin of one of the kernels for this device's architecture (with these constexpr values, e.g.
+    HEAD_DIM=128)."""
+    if load_extension() is None:
+        return f"extension nanotrain._C {extension_status()}"
+    table = aot_table()
+    if not table:
+        return "the extension was built without CUDA (no nvcc at build time, or NANOTRAIN_NO_CUDA=1): no cubins"
+    if device.type != "cuda":
+        return f"device type '{device.type}' unsupported (the cubins run on CUDA GPUs only)"
+    if not torch.cuda.is_available():
+        return "no CUDA device"
+    for op in ops if ops is not None else tuple(f"aot_{k}" for k in kernels):
+        if not has_kernel(op, "CUDA"):
+            return f"the extension has no CUDA kernel for nanotrain::{op}"
+    arch = device_arch(device)
+    held = sorted({row["arch"] for row in table})
+    for kernel in kernels:
+        if not any(row["kernel"] == kernel and row["arch"] == arch for row in table):
+            return (f"no cubin of {kernel} for sm_{arch} (the extension holds sm_{', sm_'.join(held)}): rebuild with "
+                    f"NANOTRAIN_CUDA_ARCHES including {arch}")
+        if constexprs and not any(row["kernel"] == kernel and row["arch"] == arch and
+                                  all(row["constexprs"].get(k) == v for k, v in constexprs.items()) for row in table):
+            which = ", ".join(f"{k}={v}" for k, v in constexprs.items())
+            return f"no cubin of {kernel} with {which} (see kernels/_aot.py VARIANTS for the compiled ones)"
+    return None
 
 
 def has_op(name: str) -> bool:
@@ -99,4 +162,34 @@ def _register_fakes() -> None:
         consumed = offsets.new_empty((offsets.shape[0] - 1,), dtype=torch.bool)
         cropped = offsets.new_empty((), dtype=torch.int64)
         return rows, consumed, cropped
+
+    # The ahead-of-time Muon products write into `out` and return nothing: the fakes only check what the C++
+    # kernels check about shapes (torch.compile traces them; opcheck runs them on meta tensors).
+    @torch.library.register_fake("nanotrain::aot_sym_matmul")
+    def _aot_sym_matmul_fake(P, S, out, alpha, Z, beta, gamma):
+        torch._check(P.dim() == 3 and S.shape == P.shape, lambda: "aot_sym_matmul: S must have P's (B, M, K) shape")
+        torch._check(out.shape == (P.shape[0], P.shape[1], P.shape[1]), lambda: "aot_sym_matmul: out must be (B, M, M)")
+        torch._check(Z is None or Z.shape == out.shape, lambda: "aot_sym_matmul: Z must have out's shape")
+        return None
+
+    @torch.library.register_fake("nanotrain::aot_attention_fwd")
+    def _aot_attention_fwd_fake(q, k, v, out, lse, window, scale):
+        B, T, H, D = q.shape
+        torch._check(out.shape == q.shape, lambda: "aot_attention_fwd: out must have q's (B, T, H, D) shape")
+        torch._check(lse.shape == (B, H, T), lambda: "aot_attention_fwd: lse must be (B, H, T)")
+        torch._check(k.shape == v.shape and H % k.shape[2] == 0,
+                     lambda: "aot_attention_fwd: k, v must be (B, T, Hkv, D)")
+        return None
+
+    @torch.library.register_fake("nanotrain::aot_attention_bwd")
+    def _aot_attention_bwd_fake(grad_out, q, k, v, out, lse, dq, dk, dv, window, scale):
+        torch._check(dq.shape == q.shape and dk.shape == k.shape and dv.shape == v.shape,
+                     lambda: "aot_attention_bwd: dq, dk, dv must have the shapes of q, k, v")
+        return None
+
+    @torch.library.register_fake("nanotrain::aot_axpby_matmul")
+    def _aot_axpby_matmul_fake(B, X, out, alpha):
+        torch._check(X.dim() == 3 and out.shape == X.shape, lambda: "aot_axpby_matmul: out must have X's shape")
+        torch._check(B.shape == (X.shape[0], X.shape[1], X.shape[1]), lambda: "aot_axpby_matmul: B must be (B, M, M)")
+        return None
 

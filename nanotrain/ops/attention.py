@@ -333,10 +333,112 @@ def triton_attention_decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_s
     return _triton_attention_decode(q, k_cache, v_cache, cache_seqlens, window, scale)
 
 
+# ----------------------------------------------------------------------------------------------------------
+# AOT backend: the same kernels compiled ahead of time into nanotrain._C (kernels/_aot.py lists the variants:
+# bfloat16, head_dim 64 and 128, every window kind and GQA shape), launched by csrc/attention/aot_ops.cpp. No
+# Triton, no compile, no autotune at run time; autograd as the Triton path's.
+# ----------------------------------------------------------------------------------------------------------
+AOT_KERNELS = ("attn_fwd", "attn_preprocess", "attn_dkdv", "attn_dq")
+AOT_HEAD_DIMS = (64, 128)
+
+
+def aot_check(device: torch.device, dtype: torch.dtype, head_dim: int | None = None, **props) -> str | None:
+    """Why the AOT attention cannot run here (None if it can): bfloat16 only, head_dim 64 or 128, and the
+    extension's cubins for this GPU (see _ext.aot_unavailable)."""
+    from nanotrain.ops import _ext
+
+    device, ops = torch.device(device), ("aot_attention_fwd", "aot_attention_bwd")
+    why = _ext.aot_unavailable(AOT_KERNELS, device, ops=ops)  # the extension, the device, the arch
+    if why:
+        return why
+    if dtype != torch.bfloat16:
+        return f"{dtype} has no ahead-of-time cubins (bfloat16 only; the next backend serves it)"
+    if head_dim is not None and head_dim not in AOT_HEAD_DIMS:
+        return f"head_dim {head_dim} has no ahead-of-time cubins (64 or 128; the next backend serves it)"
+    return _ext.aot_unavailable(AOT_KERNELS, device, ops=ops, HEAD_DIM=head_dim) if head_dim is not None else None
+
+
+def _aot_ready(x: Tensor) -> Tensor:
+    """x with a contiguous last dimension and a 16-byte aligned start (what every compiled variant assumes, as
+    Triton's launcher assumes of torch's allocations): a copy only for an odd view."""
+    return x if x.stride(-1) == 1 and x.data_ptr() % 16 == 0 else x.clone(memory_format=torch.contiguous_format)
+
+
+@torch.library.custom_op("nanotrain::aot_attention", mutates_args=())
+def _aot_attention_fwd(q: Tensor, k: Tensor, v: Tensor, window: Optional[int], scale: float) -> tuple[Tensor, Tensor]:
+    """(out (B,T,H,D), lse (B,H,T) fp32) from the ahead-of-time compiled forward kernel."""
+    q, k, v = (_aot_ready(x) for x in (q, k, v))
+    B, T, H, D = q.shape
+    out = torch.empty((B, T, H, D), device=q.device, dtype=q.dtype)
+    lse = torch.empty((B, H, T), device=q.device, dtype=torch.float32)
+    torch.ops.nanotrain.aot_attention_fwd(q, k, v, out, lse, window, scale)
+    return out, lse
+
+
+@_aot_attention_fwd.register_fake
+def _(q: Tensor, k: Tensor, v: Tensor, window: Optional[int], scale: float) -> tuple[Tensor, Tensor]:
+    B, T, H, D = q.shape
+    return q.new_empty((B, T, H, D)), q.new_empty((B, H, T), dtype=torch.float32)
+
+
+@torch.library.custom_op("nanotrain::aot_attention_grad", mutates_args=())
+def _aot_attention_bwd(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+                       window: Optional[int], scale: float) -> tuple[Tensor, Tensor, Tensor]:
+    """(dq, dk, dv) from the ahead-of-time compiled backward kernels (deterministic: no atomics)."""
+    grad_out, q, k, v, out = (_aot_ready(x) for x in (grad_out, q, k, v, out))
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    torch.ops.nanotrain.aot_attention_bwd(grad_out, q, k, v, out, _aot_ready(lse.contiguous()), dq, dk, dv, window,
+                                          scale)
+    return dq, dk, dv
+
+
+@_aot_attention_bwd.register_fake
+def _(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, window: Optional[int],
+      scale: float) -> tuple[Tensor, Tensor, Tensor]:
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+class _AotAttentionGrad:
+    """Autograd of nanotrain::aot_attention, as _TritonAttentionGrad's: saves q, k, v, out and the log-sum-exp;
+    the backward is nanotrain::aot_attention_grad."""
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        q, k, v, window, scale = inputs
+        out, lse = output
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.window, ctx.scale = window, scale
+        ctx.mark_non_differentiable(lse)
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor, grad_lse: Tensor | None):
+        q, k, v, out, lse = ctx.saved_tensors
+        if grad_out is None:
+            grad_out = torch.zeros_like(out)
+        dq, dk, dv = _aot_attention_bwd(grad_out, q, k, v, out, lse, ctx.window, ctx.scale)
+        return dq, dk, dv, None, None
+
+
+_aot_attention_fwd.register_autograd(_AotAttentionGrad.backward, setup_context=_AotAttentionGrad.setup_context)
+
+
+def aot_attention(q: Tensor, k: Tensor, v: Tensor, window: int | None = None, scale: float | None = None) -> Tensor:
+    """The ahead-of-time compiled kernels (forward and backward): same semantics as `reference`.
+
+    q: (B, T, H, D), k/v: (B, T, Hkv, D) -> (B, T, H, D).
+    """
+    _check_shapes(q, k, v, window)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    out, _ = _aot_attention_fwd(q, k, v, window, scale)
+    return out
+
+
 registry.register_self_check("attention", self_check, _CASES)
 registry.register_self_check("attention_decode", self_check_decode, _CASES)
 registry.register("attention", "triton", triton_attention, triton_check, interpreter=True,
                   description="fused sliding-window flash attention (Triton)")
+registry.register("attention", "aot", aot_attention, aot_check, fused=True, before="triton",
+                  description="AOT-compiled flash attention from nanotrain._C (bf16, head_dim 64/128, no JIT)")
 registry.register("attention", "sdpa", sdpa, description="PyTorch SDPA (dense mask for sliding windows)")
 registry.register("attention", "reference", reference, description="pure-PyTorch masked softmax")
 registry.register("attention_decode", "triton", triton_attention_decode, triton_check, interpreter=True,

@@ -220,24 +220,27 @@ GRAM_MIN_ASPECT: float | None = None
 GRAM_RESTART_STEP = 2  # recompute X = R X0 and A = X X^T before this step (half-precision stability)
 
 
-def polar_express_triton(X: Tensor, steps: int = 5, gram: bool | None = None) -> Tensor:
+def polar_express_triton(X: Tensor, steps: int = 5, gram: bool | None = None, products=None) -> Tensor:
     """Run the Polar Express iteration on a normalized stack X (K, m, n) with the Triton kernels.
 
     X is consumed (used as one of the two ping-pong buffers). A tall stack is iterated on its transpose
     view (strides only, no copy), so every product is the short side squared. `gram` picks the Gram
-    formulation (default: by GRAM_MIN_ASPECT). Returns (K, m, n) in X's dtype and layout.
+    formulation (default: by GRAM_MIN_ASPECT). `products` provides sym_matmul and axpby_matmul (default: the
+    Triton JIT kernels; AotProducts: the extension's ahead-of-time cubins). Returns (K, m, n) in X's dtype and
+    layout.
     """
     m, n = X.shape[-2:]
     if gram is None:
         gram = GRAM_MIN_ASPECT is not None and max(m, n) >= GRAM_MIN_ASPECT * min(m, n)
-    return _polar_express_gram(X, steps) if gram else _polar_express_standard(X, steps)
+    if gram:
+        return _polar_express_gram(X, steps, products)
+    return _polar_express_standard(X, steps, products)
 
 
-def _polar_express_standard(X: Tensor, steps: int) -> Tensor:
+def _polar_express_standard(X: Tensor, steps: int, products=None) -> Tensor:
     """X <- a X + (b A + c A A) X, A = X X^T: three launches per step, the two square products on half
     the tiles (2 m^2 n / 2 + 2 m^3 / 2 + 2 m^2 n FLOPs per step for the short side m)."""
-    from nanotrain.kernels import newton_schulz as nsk
-
+    nsk = products if products is not None else _triton_products()
     B, m, n = X.shape
     tall = m > n
     s = min(m, n)
@@ -253,7 +256,7 @@ def _polar_express_standard(X: Tensor, steps: int) -> Tensor:
     return cur.mT if tall else cur
 
 
-def _polar_express_gram(X: Tensor, steps: int) -> Tensor:
+def _polar_express_gram(X: Tensor, steps: int, products=None) -> Tensor:
     """The same iteration on the small Gram matrix: X_k = R_k X_0 with R_k = Q_{k-1} ... Q_0 and
     Q = a I + P, P = b A + c A A, A_{k+1} = Q A_k Q. All of A, P, Q, R are polynomials in A_0, hence
     symmetric and commuting, so every square product is computed on half the tiles; the long side is
@@ -261,8 +264,7 @@ def _polar_express_gram(X: Tensor, steps: int) -> Tensor:
     A recomputed from it: in half precision A and R drift apart otherwise (measured: divergence on
     low-rank-plus-noise inputs). `a I` is kept out of the 16-bit P and applied in the float32 epilogues.
     """
-    from nanotrain.kernels import newton_schulz as nsk
-
+    nsk = products if products is not None else _triton_products()
     B, m, n = X.shape
     tall = m > n
     s = min(m, n)
@@ -290,6 +292,12 @@ def _polar_express_gram(X: Tensor, steps: int) -> Tensor:
             nsk.sym_matmul(P, Q_A, A, Z=Q_A, beta=a)       # A <- Q (Q A)
     nsk.axpby_matmul(R, cur, nxt, alpha=None)              # X = R X0
     return nxt.mT if tall else nxt
+
+
+def _triton_products():
+    from nanotrain.kernels import newton_schulz as nsk
+
+    return nsk
 
 
 def _check_steps(G: Tensor, steps: int) -> None:
@@ -354,6 +362,69 @@ def _(grads: Tensor, params: Tensor, momentum_buffer: Tensor, second_momentum: T
     return None
 
 
+# ---------------------------------------------------------------------------------------------------
+# AOT backend: the same iteration with the products from the cubins nanotrain._C embeds (kernels/_aot.py lists
+# the variants; csrc/muon/aot_ops.cpp launches them). No Triton, no compile, no autotune at run time.
+# ---------------------------------------------------------------------------------------------------
+AOT_KERNELS = ("sym_matmul", "axpby_matmul")
+
+
+class AotProducts:
+    """sym_matmul and axpby_matmul with the call signatures of kernels/newton_schulz.py's, served by the
+    extension's ops torch.ops.nanotrain.aot_sym_matmul / aot_axpby_matmul (bfloat16 stacks on a GPU whose
+    architecture has cubins)."""
+
+    @staticmethod
+    def sym_matmul(P: Tensor, S: Tensor, out: Tensor, alpha: float = 1.0, Z: Tensor | None = None,
+                   beta: float = 0.0, gamma: float = 0.0) -> Tensor:
+        torch.ops.nanotrain.aot_sym_matmul(P, S, out, float(alpha), Z, float(beta), float(gamma))
+        return out
+
+    @staticmethod
+    def axpby_matmul(B: Tensor, X: Tensor, out: Tensor, alpha: float | None) -> Tensor:
+        torch.ops.nanotrain.aot_axpby_matmul(B, X, out, None if alpha is None else float(alpha))
+        return out
+
+
+def aot_check(device: torch.device, dtype: torch.dtype, shape: tuple[int, int] | None = None, **props) -> str | None:
+    """Why the AOT backend cannot run here (None if it can): the extension's cubins (see _ext.aot_unavailable),
+    the input dtype, and int32 strides (the compiled variants take 32-bit ints: m * n < 2^31)."""
+    from nanotrain.ops import _ext
+
+    if dtype not in TRITON_DTYPES:
+        return f"dtype {dtype} unsupported (float32, float16 or bfloat16)"
+    if shape is not None and shape[0] * shape[1] >= 2**31:
+        return f"shape {tuple(shape)} has 2^31 elements or more (the cubins take 32-bit strides)"
+    return _ext.aot_unavailable(AOT_KERNELS, torch.device(device))
+
+
+@torch.library.custom_op("nanotrain::aot_muon", mutates_args=())
+def orthogonalize_aot(G: Tensor, steps: int = 5) -> Tensor:
+    """Polar Express orthogonalization with the ahead-of-time compiled products; G (..., m, n) -> same shape and
+    dtype. Computes in bfloat16 (float32 accumulation), as the Triton backend on the GPU, with the same launch
+    configs: the same result bit for bit (the scale-and-cast is the same float32 product, rounded once)."""
+    _check_steps(G, steps)
+    m, n = G.shape[-2:]
+    G3 = G.reshape(-1, m, n)
+    inv = 1.0 / (G3.float().norm(dim=(-2, -1)) * NORM_SAFETY + 1e-6)  # (B,)
+    X = (G3.float() * inv[:, None, None]).to(torch.bfloat16)
+    return polar_express_triton(X, steps, products=AotProducts).to(G.dtype).reshape(G.shape)
+
+
+@orthogonalize_aot.register_fake
+def _(G: Tensor, steps: int = 5) -> Tensor:
+    return torch.empty_like(G)
+
+
+@torch.no_grad()
+def muon_update_aot(grads: Tensor, params: Tensor, momentum_buffer: Tensor, second_momentum: Tensor,
+                    momentum: float, lr: float, weight_decay: float, beta2: float, steps: int = 5) -> None:
+    """The Muon step with the AOT orthogonalization: PyTorch ops around it (muon_update_reference; the fused
+    elementwise Muon kernels are not compiled ahead of time yet), so no Triton runs on this path."""
+    muon_update_reference(grads, params, momentum_buffer, second_momentum, momentum, lr, weight_decay, beta2,
+                          steps, ortho=orthogonalize_aot)
+
+
 _CASES = [{"shape": (64, 64)}, {"shape": (256, 64)}, {"shape": (64, 256)}]
 # on the GPU, checked in float32: the optimizer's master weights (the Triton iteration computes in bfloat16)
 registry.register_self_check("muon", self_check, _CASES, cuda_dtype=torch.float32)
@@ -362,6 +433,10 @@ registry.register("muon", "triton", orthogonalize_triton, check=triton_check, in
                   description="Triton symmetric-product Polar Express (bf16 on GPU)")
 registry.register("muon_update", "triton", muon_update_triton, check=triton_check, interpreter=True,
                   description="Triton fused Muon step")
+registry.register("muon", "aot", orthogonalize_aot, check=aot_check, fused=True, before="triton",
+                  description="AOT-compiled Triton products from nanotrain._C (bf16, no JIT)")
+registry.register("muon_update", "aot", muon_update_aot, check=aot_check, fused=True, before="triton",
+                  description="PyTorch Muon step around the AOT-compiled orthogonalization")
 registry.register("muon", "reference", reference, description="pure-PyTorch Polar Express")
 registry.register("muon_update", "reference", torch.no_grad()(muon_update_reference),
                   description="PyTorch ops around orthogonalize()")

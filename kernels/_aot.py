@@ -1,0 +1,428 @@
+"""Ahead-of-time build of the Triton kernels into nanotrain._C: the variant table, the compiles, the C++ it generates.
+
+At build time (setup.py, when nvcc is found) `python -m kernels._aot --arches "80;90a" --out DIR` compiles every
+entry of VARIANTS for every target with kernels/_compile.py (no GPU needed) and writes into DIR:
+  - aot_table.cpp: the cubins (string literals), one `Variant` row per (entry, target) with the compiled
+    kernel's parameter list (kind, divisibility hint, pointee dtype), launch shape (warps, shared bytes),
+    constexpr values and the count of trailing pointers Triton adds (read from the PTX entry), and
+    `nanotrain_aot_table_json()`, the same table as JSON for Python (nanotrain.ops._ext.aot_table);
+  - aot_args.h: per kernel, a struct with one field per parameter in the kernel's order and the function
+    that turns it into launcher values. The C++ ops fill these structs by field name, so a kernel whose
+    signature changes no longer compiles against its op until the op is updated: the argument packing is
+    generated from the kernels, never written by hand twice.
+
+Specialization: Triton's JIT compiles a kernel per call *class*: an int equal to 1 becomes the constant 1
+(dropped from the parameters), a multiple of 16 gets a divisibility hint, pointers are 16-byte aligned. A
+cubin compiled for a class serves exactly the calls of that class or of a narrower one; the launcher
+(csrc/aot/launcher.cpp) takes the first row of the table whose classes admit the call, so each kernel's list
+ends with a generic row (every int a plain i32) that serves any call whose ints fit in 32 bits.
+
+Launch configurations are FIXED per architecture: each kernel's autotune list's first entry for that
+architecture (what NANOTRAIN_AUTOTUNE=first picks), until a GPU has measured better ones. With the same
+config and the same Triton, the cubin computes what the JIT path's does (the JIT may specialize a call more
+narrowly, e.g. GROUPS == 1 as a constant, which changes the code but not the arithmetic), so the outputs are
+expected bit for bit equal to the Triton backend's: NOT yet verified on a GPU (tests/test_aot.py, gpu-marked).
+A call that no row admits (an unaligned pointer, an int past 32 bits, a flag combination not compiled) is
+refused by the op with an error naming the triton backend; the backends' availability checks (dtype,
+head_dim, arch) keep training calls from getting there.
+
+The variants compiled (the training-critical ones; any other dtype or head_dim resolves to the Triton JIT backend):
+  Attention (kernels/attention.py: forward, backward preprocess, dK/dV, dQ), bfloat16, HEAD_DIM 64 and 128,
+  each with training-layout rows (without GQA: GROUPS the constant 1, as the JIT compiles it; with GQA) and a
+  generic row. The window (full or sliding) is a runtime int, so every window kind is served by the same
+  cubins.
+  Muon products (kernels/newton_schulz.py), bfloat16 only (the iteration's compute dtype on the GPU),
+  DOT_PRECISION tf32 (ignored for 16-bit operands), HAS_I False:
+    sym_matmul   HAS_Z False: row-major, column-major (a tall matrix's transpose view), generic
+                 HAS_Z True: row-major, generic
+    axpby_matmul ADD_X True: row-major, column-major, generic;  ADD_X False (the Gram path): generic
+
+This module never imports nanotrain.
+"""
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import hashlib
+import json
+import multiprocessing
+import os
+import re
+import sys
+import time
+from dataclasses import dataclass, field
+
+DEFAULT_ARCHES = "80;90a"
+CACHE_FORMAT = 2  # bump when the generated files change shape
+
+# An example value per class of int argument (see the module doc).
+ONE, DIV16, ANY = 1, 16, 17
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One specialization of one kernel: `args` are example values of its runtime parameters (classes: ONE,
+    DIV16, ANY for ints, "*bf16" for pointers, a float for fp32) and of its flag constexprs; the block sizes
+    and warps come from the per-architecture config table."""
+    kernel: str  # name in KERNELS
+    label: str
+    args: dict = field(hash=False)
+
+
+def _module(name: str):
+    import importlib
+
+    return importlib.import_module(f"kernels.{name}")
+
+
+def _ns():
+    return _module("newton_schulz")
+
+
+def _sym_config(capability: tuple[int, int]) -> tuple[dict, int, int]:
+    c = _ns()._sym_configs(capability)[0]
+    return dict(c.kwargs), c.num_warps, c.num_stages
+
+
+def _axpby_config(capability: tuple[int, int]) -> tuple[dict, int, int]:
+    c = _ns()._axpby_configs(capability)[0]
+    return dict(c.kwargs), c.num_warps, c.num_stages
+
+
+def _attention_config(kind: str):
+    def config(capability: tuple[int, int]) -> tuple[dict, int, int]:
+        attn = _module("attention")
+        bm, bn, warps, stages = attn._GPU_CONFIGS[attn.gpu_generation(capability)][kind][0]
+        return {"BLOCK_M": bm, "BLOCK_N": bn}, warps, stages
+    return config
+
+
+def _preprocess_config(capability: tuple[int, int]) -> tuple[dict, int, int]:
+    # attention_bwd launches it with BLOCK_M=64 and Triton's default launch shape (4 warps, 3 stages)
+    return {"BLOCK_M": 64}, 4, 3
+
+
+# kernel name -> (module in kernels/, function attribute, config of a capability -> (constexprs, warps, stages))
+KERNELS = {
+    "sym_matmul": ("newton_schulz", "_sym_matmul_kernel", _sym_config),
+    "axpby_matmul": ("newton_schulz", "_axpby_matmul_kernel", _axpby_config),
+    "attn_fwd": ("attention", "_attention_fwd_kernel", _attention_config("fwd")),
+    "attn_preprocess": ("attention", "_attention_bwd_preprocess_kernel", _preprocess_config),
+    "attn_dkdv": ("attention", "_attention_bwd_dkdv_kernel", _attention_config("dkdv")),
+    "attn_dq": ("attention", "_attention_bwd_dq_kernel", _attention_config("dq")),
+}
+
+
+def _kernel_fn(kernel: str):
+    module, attr, _ = KERNELS[kernel]
+    return getattr(_module(module), attr)
+
+
+def _config(kernel: str, capability: tuple[int, int]) -> tuple[dict, int, int]:
+    return KERNELS[kernel][2](capability)
+
+
+def _strides(layout: str, prefix: str, rows: str, cols: str) -> dict:
+    """Example strides of a (batch, rows, cols) operand: 'row' (cols contiguous), 'col' (rows contiguous), 'any'."""
+    b, r, c = f"stride_{prefix}b", f"stride_{prefix}{rows}", f"stride_{prefix}{cols}"
+    if layout == "row":
+        return {b: DIV16, r: DIV16, c: ONE}
+    if layout == "col":
+        return {b: DIV16, r: ONE, c: DIV16}
+    return {b: ANY, r: ANY, c: ANY}
+
+
+def _sym_entry(has_z: bool, layout: str) -> Entry:
+    square = "row" if layout != "any" else "any"  # Z and C: (M, M) buffers the op allocates row-major
+    dim = ANY if layout == "any" else DIV16
+    args = {"P_ptr": "*bf16", "S_ptr": "*bf16", "Z_ptr": "*bf16", "C_ptr": "*bf16", "M": dim, "K": dim,
+            **_strides(layout, "p", "m", "k"), **_strides(layout, "s", "m", "k"),
+            **_strides(square, "z", "m", "n"), **_strides(square, "c", "m", "n"),
+            "alpha": 1.0, "beta": 0.0, "gamma": 0.0, "HAS_Z": has_z, "HAS_I": False, "DOT_PRECISION": "tf32"}
+    return Entry("sym_matmul", f"bf16 HAS_Z={int(has_z)} {layout}", args)
+
+
+def _axpby_entry(add_x: bool, layout: str) -> Entry:
+    dim = ANY if layout == "any" else DIV16
+    args = {"B_ptr": "*bf16", "X_ptr": "*bf16", "Y_ptr": "*bf16", "M": dim, "N": dim,
+            **_strides("row" if layout != "any" else "any", "b", "m", "k"),
+            **_strides(layout, "x", "m", "n"), **_strides(layout, "y", "m", "n"),
+            "alpha": 1.0, "ADD_X": add_x, "DOT_PRECISION": "tf32"}
+    return Entry("axpby_matmul", f"bf16 ADD_X={int(add_x)} {layout}", args)
+
+
+def signature(fn) -> list[tuple[str, bool]]:
+    """(name, is_constexpr) of each parameter of a @triton.jit kernel, in order; also under TRITON_INTERPRET=1,
+    where the kernel is an InterpretedFunction without Triton's parameter objects (the tests run there)."""
+    if hasattr(fn, "params"):
+        return [(n, bool(p.is_constexpr)) for n, p in zip(fn.arg_names, fn.params)]
+    import inspect
+
+    params = inspect.signature(fn.fn).parameters
+    return [(n, "constexpr" in str(params[n].annotation)) for n in fn.arg_names]
+
+
+# The attention kernels' pointers: (B, T, H, D) tensors in bfloat16, (B, H, T) float32 statistics.
+_ATTENTION_POINTERS = {**{n: "*bf16" for n in ("Q", "K", "V", "OUT", "DO", "DQ", "DK", "DV")},
+                       "LSE": "*fp32", "DELTA": "*fp32"}
+
+
+def _attention_entry(kernel: str, head_dim: int, layout: str) -> Entry:
+    """An attention kernel's entry: 'row' is training's layout ((B, T, H, D) tensors with D = head_dim, so every
+    stride a multiple of 16; T a multiple of 16; H, GROUPS and the window any value); 'mha' the same without
+    GQA (GROUPS the constant 1); 'any' the generic one."""
+    fn = _kernel_fn(kernel)
+    args: dict = {}
+    for name, is_constexpr in signature(fn):
+        if is_constexpr:
+            continue
+        if name in _ATTENTION_POINTERS:
+            args[name] = _ATTENTION_POINTERS[name]
+        elif name in ("qk_scale", "sm_scale"):
+            args[name] = 1.0
+        elif name == "GROUPS" and layout == "mha":
+            args[name] = ONE  # no GQA: the JIT compiles the constant 1 too (measured: dK/dV at D=128 on sm_90a
+            # spills 440 bytes with a runtime GROUPS, none with the constant)
+        elif layout == "any" or name in ("H", "H_KV", "GROUPS", "window"):
+            args[name] = ANY
+        else:  # strides, T, and the autotuner's buckets TUNE_* (powers of 2 >= 16, or 0: unused by the math)
+            args[name] = DIV16
+    args["HEAD_DIM"] = head_dim
+    return Entry(kernel, f"bf16 HEAD_DIM={head_dim} {layout}", args)
+
+
+# Per kernel, the most specialized first: the launcher takes the first row that admits a call.
+VARIANTS: list[Entry] = [
+    _sym_entry(False, "row"), _sym_entry(False, "col"), _sym_entry(True, "row"),
+    _sym_entry(False, "any"), _sym_entry(True, "any"),
+    _axpby_entry(True, "row"), _axpby_entry(True, "col"), _axpby_entry(True, "any"), _axpby_entry(False, "any"),
+    *[_attention_entry(kernel, head_dim, layout) for kernel in ("attn_fwd", "attn_dkdv", "attn_dq")
+      for head_dim in (64, 128) for layout in ("mha", "row", "any")],
+    *[_attention_entry("attn_preprocess", head_dim, layout) for head_dim in (64, 128) for layout in ("row", "any")],
+]
+
+
+def parse_arches(spec: str) -> list[str]:
+    """'80;90a' -> ['80', '90a'] (separators ; , or space)."""
+    arches = [a.strip() for a in re.split(r"[;, ]+", spec) if a.strip()]
+    for a in arches:
+        if not re.fullmatch(r"\d{2,3}a?", a):
+            raise ValueError(f"NANOTRAIN_CUDA_ARCHES entry {a!r} is not an sm number such as 80 or 90a")
+    return arches
+
+
+def capability_of(arch: str) -> tuple[int, int]:
+    n = int(arch.rstrip("a"))
+    return n // 10, n % 10
+
+
+def describe(entry: Entry, arch: str) -> dict:
+    """The launcher's view of one compiled variant, derived from the kernel's current signature and the
+    entry (no compile): parameters in kernel order with kind ('ptr', 'i32', 'i64', 'fp32', 'one': the
+    constant 1, not passed), hint ('div16' or ''), pointee dtype; the constexprs; warps and stages."""
+    from kernels._compile import _arg_spec
+
+    fn = _kernel_fn(entry.kernel)
+    config, warps, stages = _config(entry.kernel, capability_of(arch))
+    params, constexprs = [], {}
+    for name, is_constexpr in signature(fn):
+        if is_constexpr:
+            value = config[name] if name in config else entry.args[name]
+            constexprs[name] = value if isinstance(value, (bool, int)) else str(value)
+            continue
+        if name not in entry.args:
+            raise KeyError(f"{entry.kernel}: parameter {name!r} of {fn.__name__} has no example value in "
+                           f"kernels/_aot.py's entry [{entry.label}]: the kernel's signature changed, update VARIANTS")
+        value = entry.args[name]
+        kind, _, div16 = _arg_spec(value, False)
+        if kind.startswith("*"):
+            params.append({"name": name, "kind": "ptr", "hint": "div16", "dtype": kind[1:]})
+        elif kind == "constexpr":
+            params.append({"name": name, "kind": "one", "hint": "", "dtype": ""})
+        else:
+            params.append({"name": name, "kind": kind, "hint": "div16" if div16 else "", "dtype": ""})
+    return {"kernel": entry.kernel, "label": entry.label, "arch": arch, "params": params,
+            "constexprs": constexprs, "num_warps": warps, "num_stages": stages}
+
+
+def compile_entry(entry: Entry, arch: str) -> dict:
+    """describe(entry, arch) plus the compile: function name, shared bytes, the cubin, its sha256."""
+    from kernels._compile import compile_kernel
+
+    row = describe(entry, arch)
+    fn = _kernel_fn(entry.kernel)
+    args = {n: entry.args[n] if n in entry.args else row["constexprs"][n] for n in fn.arg_names}
+    cap = capability_of(arch)
+    out = compile_kernel(fn, cap, args, num_warps=row["num_warps"], num_stages=row["num_stages"])
+    scratch = {k: out[k] for k in ("global_scratch_size", "profile_scratch_size") if out.get(k)}
+    if scratch:
+        raise RuntimeError(f"{entry.kernel} [{entry.label}] sm_{arch} needs scratch memory {scratch}, which the "
+                           "AOT launcher does not allocate")
+    entry_params = re.search(r"\.entry\s+\w+\s*\((.*?)\)", out["ptx"], re.S)
+    passed = sum(p["kind"] != "one" for p in row["params"])
+    hidden = len(re.findall(r"\.param\s", entry_params.group(1))) - passed if entry_params else -1
+    if hidden < 0:
+        raise RuntimeError(f"{entry.kernel} [{entry.label}] sm_{arch}: the PTX entry does not take the {passed} "
+                           "parameters the table lists")
+    row.update(function=out["name"], shared=int(out["shared"]), cubin=out["cubin"], hidden_params=hidden,
+               sha256=hashlib.sha256(out["cubin"]).hexdigest(), regs=out.get("regs"),
+               spills=out.get("spill_stores", 0) + out.get("spill_loads", 0))
+    return row
+
+
+def _compile_arch(arch: str, indices: list[int]) -> list[dict]:
+    os.environ.pop("TRITON_INTERPRET", None)
+    return [compile_entry(VARIANTS[i], arch) for i in indices]
+
+
+def compile_all(arches: list[str], jobs: int = 2) -> list[dict]:
+    """Every VARIANTS entry for every arch, one fresh process per arch (see compile_cases: a compile must not
+    depend on what the same process compiled before for another target), `jobs` at a time."""
+    ctx = multiprocessing.get_context("spawn")
+    indices = list(range(len(VARIANTS)))
+    with concurrent.futures.ProcessPoolExecutor(max_workers=max(1, jobs), mp_context=ctx) as pool:
+        futures = [pool.submit(_compile_arch, arch, indices) for arch in arches]
+        return [row for f in futures for row in f.result()]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Generated C++
+# ---------------------------------------------------------------------------------------------------------------
+
+_KIND = {"ptr": "Kind::Ptr", "i32": "Kind::I32", "i64": "Kind::I64", "fp32": "Kind::F32", "one": "Kind::One",
+         "i1": "Kind::I32"}
+
+
+def _struct_name(kernel: str) -> str:
+    return "".join(part.capitalize() for part in kernel.split("_")) + "Args"
+
+
+def generate_header() -> str:
+    """aot_args.h: per kernel, the argument struct (fields in the kernel's parameter order) and its values()."""
+    lines = ["// Generated by kernels/_aot.py from the Triton kernels' signatures. Do not edit.",
+             "#pragma once", "#include <array>", "#include <cstdint>", '#include "aot/launcher.h"', "",
+             "namespace nanotrain::aot {", ""]
+    for kernel in KERNELS:
+        fn = _kernel_fn(kernel)
+        runtime = [n for n, is_constexpr in signature(fn) if not is_constexpr]
+        example = next(e for e in VARIANTS if e.kernel == kernel)
+        s = _struct_name(kernel)
+        lines.append(f"// {KERNELS[kernel][1]}: the runtime parameters, in order (constexprs are the variant's).")
+        lines.append(f"struct {s} {{")
+        types = {}
+        for n in runtime:
+            v = example.args[n]
+            types[n] = ("Tensorish" if isinstance(v, str) else "double" if isinstance(v, float) else "int64_t")
+            lines.append(f"  {types[n]} {n};")
+        lines.append("};")
+        lines.append(f"constexpr const char* k{s[:-4]}Kernel = \"{kernel}\";")
+        lines.append(f"inline std::array<Value, {len(runtime)}> values(const {s}& a) {{")
+        lines.append("  return {{" + ", ".join(
+            f"Value::of(a.{n})" for n in runtime) + "}};")
+        lines.append("}")
+        lines.append("")
+    lines.append("}  // namespace nanotrain::aot")
+    return "\n".join(lines) + "\n"
+
+
+def _c_string(s: str) -> str:
+    return json.dumps(s)
+
+
+def generate_table(rows: list[dict]) -> str:
+    """aot_table.cpp: the cubins and the Variant rows (see csrc/aot/launcher.h) and the table as JSON."""
+    out = ["// Generated by kernels/_aot.py: the ahead-of-time compiled Triton kernels. Do not edit.",
+           '#include "aot/launcher.h"', "", "namespace nanotrain::aot {", "namespace {"]
+    for i, r in enumerate(rows):
+        data = r["cubin"]
+        # a string literal (octal escapes: unambiguous, and far faster to compile than a list of integers);
+        # one byte more than the cubin for the literal's terminating NUL
+        out.append(f"alignas(16) const unsigned char kCubin{i}[{len(data) + 1}] =")
+        for k in range(0, len(data), 64):
+            out.append('  "' + "".join(f"\\{b:03o}" for b in data[k:k + 64]) + '"')
+        out[-1] += ";"
+        params = ", ".join(f"{{{_c_string(p['name'])}, {_KIND[p['kind']]}, {str(p['hint'] == 'div16').lower()}, "
+                           f"{_c_string(p['dtype'])}}}" for p in r["params"])
+        out.append(f"const Param kParams{i}[] = {{{params}}};")
+        consts = ", ".join(f"{{{_c_string(k)}, {int(v) if isinstance(v, (bool, int)) else 0}}}"
+                           for k, v in r["constexprs"].items() if isinstance(v, (bool, int)))
+        out.append(f"const Constexpr kConsts{i}[] = {{{consts}}};")
+    out.append("}  // namespace")
+    out.append("")
+    out.append(f"extern const int kNumVariants = {len(rows)};")
+    out.append("extern const Variant kVariants[] = {")
+    if not rows:
+        out.append("  {},")
+    for i, r in enumerate(rows):
+        n_consts = sum(isinstance(v, (bool, int)) for v in r["constexprs"].values())
+        out.append(f"  {{{_c_string(r['kernel'])}, {_c_string(r['label'])}, {_c_string(r['arch'])}, "
+                   f"{_c_string(r['function'])}, kCubin{i}, {len(r['cubin'])}, {r['num_warps']}, {r['shared']}, "
+                   f"kParams{i}, {len(r['params'])}, kConsts{i}, {n_consts}, {r['hidden_params']}}},")
+    out.append("};")
+    table = [{k: v for k, v in r.items() if k != "cubin"} | {"cubin_bytes": len(r["cubin"])} for r in rows]
+    blob = json.dumps(table, sort_keys=True)
+    out.append("")
+    out.append("}  // namespace nanotrain::aot")
+    out.append("")
+    out.append("// The table above as JSON (without the cubins), for nanotrain.ops._ext.aot_table().")
+    out.append('extern "C" const char* nanotrain_aot_table_json() {')
+    out.append("  static const char kJson[] = " + " ".join(
+        _c_string(blob[k:k + 2000]) for k in range(0, max(len(blob), 1), 2000)) + ";")
+    out.append("  return kJson;")
+    out.append("}")
+    return "\n".join(out) + "\n"
+
+
+def source_digest(arches: list[str]) -> str:
+    """What the generated files depend on: these sources, the Triton version, the arches."""
+    import triton
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    h = hashlib.sha256(f"{CACHE_FORMAT} {triton.__version__} {';'.join(arches)}".encode())
+    for name in ("_aot.py", "_compile.py", *sorted({f"{module}.py" for module, _, _ in KERNELS.values()})):
+        with open(os.path.join(here, name), "rb") as f:
+            h.update(f.read())
+    return h.hexdigest()
+
+
+def build(out_dir: str, arches: list[str], jobs: int = 2, log=print) -> bool:
+    """Write aot_table.cpp and aot_args.h into out_dir unless a build of the same sources is there (cache).
+    Returns True when it compiled."""
+    os.makedirs(out_dir, exist_ok=True)
+    digest = source_digest(arches)
+    stamp = os.path.join(out_dir, "aot.stamp")
+    files = [os.path.join(out_dir, f) for f in ("aot_table.cpp", "aot_args.h")]
+    if os.path.exists(stamp) and open(stamp).read() == digest and all(os.path.exists(f) for f in files):
+        log(f"AOT kernels: up to date in {out_dir} ({len(VARIANTS)} variants x {len(arches)} arches)")
+        return False
+    start = time.time()
+    rows = compile_all(arches, jobs)
+    for path, text in zip(files, (generate_table(rows), generate_header())):
+        with open(path + ".tmp", "w") as f:
+            f.write(text)
+        os.replace(path + ".tmp", path)
+    with open(stamp, "w") as f:
+        f.write(digest)
+    log(f"AOT kernels: compiled {len(rows)} cubins ({len(VARIANTS)} variants x sm_{', sm_'.join(arches)}) "
+        f"in {time.time() - start:.0f} s into {out_dir}")
+    return True
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--arches", default=os.environ.get("NANOTRAIN_CUDA_ARCHES", DEFAULT_ARCHES))
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--jobs", type=int, default=int(os.environ.get("MAX_JOBS", "2")))
+    parser.add_argument("--header-only", action="store_true", help="write aot_args.h only (no compiles)")
+    a = parser.parse_args(argv)
+    if a.header_only:
+        os.makedirs(a.out, exist_ok=True)
+        with open(os.path.join(a.out, "aot_args.h"), "w") as f:
+            f.write(generate_header())
+        return 0
+    build(a.out, parse_arches(a.arches), a.jobs, log=lambda m: print(m, file=sys.stderr))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
