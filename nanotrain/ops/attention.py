@@ -271,11 +271,12 @@ def _(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tenso
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
-class _TritonAttentionGrad:
-    """Autograd of nanotrain::triton_attention_fwd (the torch.library form of an autograd.Function):
-    saves q, k, v, out and the log-sum-exp; the backward is the nanotrain::triton_attention_bwd op."""
+def flash_attention_backend(fwd_op, bwd_op, name: str, what: str):
+    """The public function of a flash-attention backend whose custom op `fwd_op(q, k, v, window, scale)` gives
+    (out, lse) and `bwd_op(grad_out, q, k, v, out, lse, window, scale)` gives (dq, dk, dv); registers the
+    autograd that connects them (the torch.library form of an autograd.Function: saves q, k, v, out and the
+    log-sum-exp)."""
 
-    @staticmethod
     def setup_context(ctx, inputs, output) -> None:
         q, k, v, window, scale = inputs
         out, lse = output
@@ -283,27 +284,29 @@ class _TritonAttentionGrad:
         ctx.window, ctx.scale = window, scale
         ctx.mark_non_differentiable(lse)
 
-    @staticmethod
     def backward(ctx, grad_out: Tensor, grad_lse: Tensor | None):
         q, k, v, out, lse = ctx.saved_tensors
         if grad_out is None:
             grad_out = torch.zeros_like(out)
-        dq, dk, dv = _triton_attention_bwd(grad_out, q, k, v, out, lse, ctx.window, ctx.scale)
+        dq, dk, dv = bwd_op(grad_out, q, k, v, out, lse, ctx.window, ctx.scale)
         return dq, dk, dv, None, None
 
+    fwd_op.register_autograd(backward, setup_context=setup_context)
 
-_triton_attention_fwd.register_autograd(_TritonAttentionGrad.backward, setup_context=_TritonAttentionGrad.setup_context)
+    def run(q: Tensor, k: Tensor, v: Tensor, window: int | None = None, scale: float | None = None) -> Tensor:
+        _check_shapes(q, k, v, window)
+        scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+        out, _ = fwd_op(q, k, v, window, scale)
+        return out
+
+    run.__name__ = run.__qualname__ = name
+    run.__doc__ = (f"{what} (forward and backward): same semantics as `reference`.\n\n"
+                   "    q: (B, T, H, D), k/v: (B, T, Hkv, D) -> (B, T, H, D).\n    ")
+    return run
 
 
-def triton_attention(q: Tensor, k: Tensor, v: Tensor, window: int | None = None, scale: float | None = None) -> Tensor:
-    """The fused Triton kernels (forward and backward): same semantics as `reference`.
-
-    q: (B, T, H, D), k/v: (B, T, Hkv, D) -> (B, T, H, D).
-    """
-    _check_shapes(q, k, v, window)
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    out, _ = _triton_attention_fwd(q, k, v, window, scale)
-    return out
+triton_attention = flash_attention_backend(_triton_attention_fwd, _triton_attention_bwd, "triton_attention",
+                                           "The fused Triton kernels")
 
 
 @torch.library.custom_op("nanotrain::triton_attention_decode", mutates_args=())
@@ -398,39 +401,8 @@ def _(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tenso
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
-class _AotAttentionGrad:
-    """Autograd of nanotrain::aot_attention, as _TritonAttentionGrad's: saves q, k, v, out and the log-sum-exp;
-    the backward is nanotrain::aot_attention_grad."""
-
-    @staticmethod
-    def setup_context(ctx, inputs, output) -> None:
-        q, k, v, window, scale = inputs
-        out, lse = output
-        ctx.save_for_backward(q, k, v, out, lse)
-        ctx.window, ctx.scale = window, scale
-        ctx.mark_non_differentiable(lse)
-
-    @staticmethod
-    def backward(ctx, grad_out: Tensor, grad_lse: Tensor | None):
-        q, k, v, out, lse = ctx.saved_tensors
-        if grad_out is None:
-            grad_out = torch.zeros_like(out)
-        dq, dk, dv = _aot_attention_bwd(grad_out, q, k, v, out, lse, ctx.window, ctx.scale)
-        return dq, dk, dv, None, None
-
-
-_aot_attention_fwd.register_autograd(_AotAttentionGrad.backward, setup_context=_AotAttentionGrad.setup_context)
-
-
-def aot_attention(q: Tensor, k: Tensor, v: Tensor, window: int | None = None, scale: float | None = None) -> Tensor:
-    """The ahead-of-time compiled kernels (forward and backward): same semantics as `reference`.
-
-    q: (B, T, H, D), k/v: (B, T, Hkv, D) -> (B, T, H, D).
-    """
-    _check_shapes(q, k, v, window)
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    out, _ = _aot_attention_fwd(q, k, v, window, scale)
-    return out
+aot_attention = flash_attention_backend(_aot_attention_fwd, _aot_attention_bwd, "aot_attention",
+                                        "The ahead-of-time compiled kernels of nanotrain._C")
 
 
 registry.register_self_check("attention", self_check, _CASES)
