@@ -137,7 +137,7 @@ def train(cfg: TrainConfig) -> LoopState:
             if stopping:
                 announce_stop(run, stop)
                 break
-            for name in EVALUATIONS:
+            for name in EVALUATORS:  # bpb, core, sample: in this order
                 if should_eval(run, step, name):
                     evaluate(run, name)
             if step == run.last_step:
@@ -151,9 +151,6 @@ def should_save(run: Run, step: int) -> bool:
     """The final step, and every --save-every steps (a resumed run does not save its first step again)."""
     periodic = run.cfg.save_every > 0 and step > run.first_step and step % run.cfg.save_every == 0
     return step == run.last_step or periodic
-
-
-EVALUATIONS = ("bpb", "core", "sample")
 
 
 def should_eval(run: Run, step: int, name: str) -> bool:
