@@ -101,8 +101,7 @@ class Run:
     precision: Precision
     meta: dict  # what every checkpoint records about the run (see checkpoint_meta)
     state: LoopState
-    train_loader: DataLoader
-    batches: Iterator[tuple[Tensor, Tensor]]  # the training stream: the loader, after the first batch
+    train_loader: DataLoader  # the training stream (its first batch already drawn into `batch`)
     batch: tuple[Tensor, Tensor]  # the batch the next step trains on (drawn ahead while the device works)
     loader_start: dict | None  # the loader state the run started from (None: the stream's beginning)
     device_batch_size: int  # --device-batch-size, or what an out-of-memory first step lowered it to
@@ -178,7 +177,7 @@ def take_step(run: Run) -> None:
     else:
         synchronize(run.rt)
         t0 = time.time()
-        loss, x, y = train_micro_steps(run.step_model, *run.batch, run.batches, run.grad_accum, run.precision)
+        loss, x, y = train_micro_steps(run.step_model, *run.batch, run.train_loader, run.grad_accum, run.precision)
         run.batch = (x, y)
     apply_schedules(run.optimizer, run.plan, step, run.cfg)
     try:
@@ -261,7 +260,7 @@ def setup(cfg: TrainConfig) -> Run:
     return Run(cfg=cfg, rt=rt, mon=mon, ckpt_dir=ckpt_dir, tokenizer=tokenizer,
                token_bytes=tokenizer.token_bytes(device=rt.device), model=model, step_model=step_model,
                optimizer=optimizer, plan=plan, precision=precision, meta=dict(meta, wandb_run_id=mon.wandb_id),
-               state=state, train_loader=train_loader, batches=train_loader, batch=batch, loader_start=loader_start,
+               state=state, train_loader=train_loader, batch=batch, loader_start=loader_start,
                device_batch_size=cfg.device_batch_size,
                grad_accum=plan.grad_accum_steps, peak_flops=peak, bundle_dir=bundle_dir, first_step=state.step,
                resume_step=resume_step, logged_at_resume=logged)
@@ -448,7 +447,7 @@ def fit_first_step(run: Run) -> None:
         synchronize(run.rt)
         t0 = time.time()
         try:
-            loss, x, y = train_micro_steps(run.step_model, *run.batch, run.batches, run.grad_accum, run.precision)
+            loss, x, y = train_micro_steps(run.step_model, *run.batch, run.train_loader, run.grad_accum, run.precision)
         except torch.OutOfMemoryError:
             loss = None  # handled below: this block's traceback holds the failed step's activations
         out_of_memory = loss is None
@@ -487,8 +486,8 @@ def lower_batch_after_oom(run: Run) -> None:
     # the global stream does not depend on the device batch: from the first batch's position, the new loader yields
     # the same rows new_bs at a time (nothing repeated or skipped, on a resume too)
     run.train_loader.close()
-    run.train_loader = run.batches = make_loader(cfg, rt, run.tokenizer, new_bs, "train", run.loader_start)
-    run.batch = next(run.batches)
+    run.train_loader = make_loader(cfg, rt, run.tokenizer, new_bs, "train", run.loader_start)
+    run.batch = next(run.train_loader)
     run.device_batch_size, run.grad_accum = new_bs, run.grad_accum * factor
 
 
