@@ -250,12 +250,6 @@ def _triton_attention_fwd(q: Tensor, k: Tensor, v: Tensor, window: Optional[int]
     return kernels.attention_fwd(q, k, v, window, scale)
 
 
-@_triton_attention_fwd.register_fake
-def _(q: Tensor, k: Tensor, v: Tensor, window: Optional[int], scale: float) -> tuple[Tensor, Tensor]:
-    B, T, H, D = q.shape
-    return q.new_empty((B, T, H, D)), q.new_empty((B, H, T), dtype=torch.float32)
-
-
 @torch.library.custom_op("nanotrain::triton_attention_bwd", mutates_args=())
 def _triton_attention_bwd(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
                           window: Optional[int], scale: float) -> tuple[Tensor, Tensor, Tensor]:
@@ -265,17 +259,21 @@ def _triton_attention_bwd(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out
     return kernels.attention_bwd(grad_out, q, k, v, out, lse, window, scale)
 
 
-@_triton_attention_bwd.register_fake
-def _(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, window: Optional[int],
-      scale: float) -> tuple[Tensor, Tensor, Tensor]:
+def _flash_fwd_fake(q: Tensor, k: Tensor, v: Tensor, window: Optional[int], scale: float) -> tuple[Tensor, Tensor]:
+    B, T, H, D = q.shape
+    return q.new_empty((B, T, H, D)), q.new_empty((B, H, T), dtype=torch.float32)
+
+
+def _flash_bwd_fake(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+                    window: Optional[int], scale: float) -> tuple[Tensor, Tensor, Tensor]:
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def flash_attention_backend(fwd_op, bwd_op, name: str, what: str):
     """The public function of a flash-attention backend whose custom op `fwd_op(q, k, v, window, scale)` gives
-    (out, lse) and `bwd_op(grad_out, q, k, v, out, lse, window, scale)` gives (dq, dk, dv); registers the
-    autograd that connects them (the torch.library form of an autograd.Function: saves q, k, v, out and the
-    log-sum-exp)."""
+    (out, lse) and `bwd_op(grad_out, q, k, v, out, lse, window, scale)` gives (dq, dk, dv); registers both ops'
+    fakes (shapes for torch.compile) and the autograd that connects them (the torch.library form of an
+    autograd.Function: saves q, k, v, out and the log-sum-exp)."""
 
     def setup_context(ctx, inputs, output) -> None:
         q, k, v, window, scale = inputs
@@ -291,6 +289,8 @@ def flash_attention_backend(fwd_op, bwd_op, name: str, what: str):
         dq, dk, dv = bwd_op(grad_out, q, k, v, out, lse, ctx.window, ctx.scale)
         return dq, dk, dv, None, None
 
+    fwd_op.register_fake(_flash_fwd_fake)
+    bwd_op.register_fake(_flash_bwd_fake)
     fwd_op.register_autograd(backward, setup_context=setup_context)
 
     def run(q: Tensor, k: Tensor, v: Tensor, window: int | None = None, scale: float | None = None) -> Tensor:
@@ -378,12 +378,6 @@ def _aot_attention_fwd(q: Tensor, k: Tensor, v: Tensor, window: Optional[int], s
     return out, lse
 
 
-@_aot_attention_fwd.register_fake
-def _(q: Tensor, k: Tensor, v: Tensor, window: Optional[int], scale: float) -> tuple[Tensor, Tensor]:
-    B, T, H, D = q.shape
-    return q.new_empty((B, T, H, D)), q.new_empty((B, H, T), dtype=torch.float32)
-
-
 @torch.library.custom_op("nanotrain::aot_attention_grad", mutates_args=())
 def _aot_attention_bwd(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
                        window: Optional[int], scale: float) -> tuple[Tensor, Tensor, Tensor]:
@@ -393,12 +387,6 @@ def _aot_attention_bwd(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: T
     torch.ops.nanotrain.aot_attention_bwd(grad_out, q, k, v, out, _aot_ready(lse.contiguous()), dq, dk, dv, window,
                                           scale)
     return dq, dk, dv
-
-
-@_aot_attention_bwd.register_fake
-def _(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, window: Optional[int],
-      scale: float) -> tuple[Tensor, Tensor, Tensor]:
-    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 aot_attention = flash_attention_backend(_aot_attention_fwd, _aot_attention_bwd, "aot_attention",
