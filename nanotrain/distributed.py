@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -104,6 +105,42 @@ def any_rank(flag: bool, device: torch.device) -> bool:
     """Whether `flag` is true on any rank (every rank gets the same answer, so all take the same path)."""
     t = torch.tensor([1.0 if flag else 0.0], device=device)
     return bool(all_reduce_max(t).item() > 0)
+
+
+class PeerFailed(RuntimeError):
+    """Another rank failed the local part of a computation whose result is summed over the ranks."""
+
+
+def sum_over_ranks(local: Callable[[], torch.Tensor | Sequence[torch.Tensor]], numel: int,
+                   device: torch.device) -> torch.Tensor:
+    """Run `local()` on this rank (a tensor, or tensors, of `numel` numbers in all) and sum the numbers over the
+    ranks: a flat float64 tensor (on the CPU for an MPS `device`, which has no float64).
+
+    Every rank reaches the one collective whatever `local` did, so a failure on one rank cannot leave the others
+    waiting in a collective it never joins: an exception in `local` is raised again on its rank after the sum,
+    and the other ranks raise PeerFailed. Everything that can fail on one rank alone (reading data, a forward that
+    runs out of memory) belongs inside `local`."""
+    device = torch.device("cpu") if device.type == "mps" else device
+    error: Exception | None = None
+    try:
+        out = local()
+        parts = [out] if isinstance(out, torch.Tensor) else list(out)
+        values = torch.cat([p.reshape(-1).to(device).to(torch.float64) for p in parts])
+        if values.numel() != numel:
+            raise ValueError(f"sum_over_ranks: local() gave {values.numel()} numbers, expected {numel}")
+    except Exception as e:  # raised again below, after the collective
+        error, values = e, torch.zeros(numel, dtype=torch.float64, device=device)
+    if not is_initialized():
+        if error is not None:
+            raise error
+        return values
+    packed = torch.cat([values, torch.tensor([float(error is not None)], dtype=torch.float64, device=device)])
+    all_reduce_sum(packed)
+    if error is not None:
+        raise error
+    if packed[-1].item() > 0:
+        raise PeerFailed(f"failed on {int(packed[-1].item())} other rank(s)")
+    return packed[:-1]
 
 
 def get_rank() -> int:

@@ -591,19 +591,27 @@ def evaluate(run: Run, name: str) -> None:
     line naming the evaluation and the cause and logs {"step", "eval_error": {"name", "error"}}, and training
     goes on; a failed final evaluation makes the run exit non-zero at the end (see finish)."""
     error = _attempt(run, name, half=False)
-    if error == OUT_OF_MEMORY and name != "sample":  # samples decode one sequence at a time: nothing to halve
+    everywhere = name != "sample" and run.rt.distributed  # evaluations other than samples run on every rank
+    retry = error == OUT_OF_MEMORY
+    if everywhere:  # every rank retries, or none: the retry's collectives must meet
+        retry = distributed.any_rank(retry, run.rt.device)
+    if retry and name != "sample":  # samples decode one sequence at a time: nothing to halve
         release_memory()  # outside the except block, whose traceback held the failed pass's tensors
         run.mon.warn(f"out of memory in the {name} evaluation at step {run.state.step}: retrying at half its batch")
         error = _attempt(run, name, half=True)
         if error == OUT_OF_MEMORY:
             error = "out of memory, at its batch and at half of it"
-    if name != "sample" and run.rt.distributed:  # all ranks ran it: all agree whether it failed
+    step = run.state.step
+    if everywhere:  # all ranks ran it: all agree whether it failed
+        if error is not None and not run.rt.master and not error.startswith("it failed on"):
+            # the log and the warning lines are rank 0's: the rank where it failed says why, on its stderr
+            print(f"WARNING: rank {run.rt.rank}: evaluation {name} failed at step {step}: {error}", file=sys.stderr,
+                  flush=True)
         failed = distributed.any_rank(error is not None, run.rt.device)
-        error = error or ("failed on another rank" if failed else None)
+        error = error or ("it failed on another rank (its warning line says why)" if failed else None)
     if error is None:
         return
     release_memory()
-    step = run.state.step
     after = "the final checkpoint is saved" if step == run.last_step else "training goes on"
     run.mon.warn(f"evaluation {name} failed at step {step}: {error}; {after}")
     run.mon.log({"step": step, "eval_error": {"name": name, "error": error}})
@@ -618,6 +626,8 @@ def _attempt(run: Run, name: str, half: bool) -> str | None:
             EVALUATORS[name](run, half)
     except torch.OutOfMemoryError:
         return OUT_OF_MEMORY
+    except distributed.PeerFailed as e:  # its collective met a rank whose part failed: that rank says why
+        return f"it {e} (their warning lines say why)"
     except Exception as e:  # any failure of an evaluation (a damaged file, a bug): reported, training goes on
         return f"{type(e).__name__}: {e}"
     return None
@@ -646,14 +656,15 @@ def measure_val_bpb(run: Run, half: bool) -> None:
     steps = max(1, cfg.eval_tokens // batch_tokens)
     seen = torch.zeros((), dtype=torch.int64, device=rt.device)
 
-    def counted(batches: Iterator[tuple[Tensor, Tensor]]) -> Iterator[tuple[Tensor, Tensor]]:
+    def batches() -> Iterator[tuple[Tensor, Tensor]]:
+        # a generator: the loader is made inside evaluate_bpb's pass, so that a failure to read the validation
+        # split on one rank fails the evaluation on every rank instead of leaving the others in its collective
         nonlocal seen
-        for x, y in batches:
+        for x, y in itertools.islice(make_loader(cfg, rt, run.tokenizer, batch_size, "val"), steps):
             seen += y.numel()
             yield x, y
 
-    loader = make_loader(cfg, rt, run.tokenizer, batch_size, "val")
-    bpb = evaluate_bpb(run.model, counted(itertools.islice(loader, steps)), steps, run.token_bytes)
+    bpb = evaluate_bpb(run.model, batches(), steps, run.token_bytes)
     tokens = int(distributed.all_reduce_sum(seen).item())
     state.val_bpb, state.val_bpb_step = bpb, state.step
     state.min_val_bpb = min(state.min_val_bpb, bpb)

@@ -230,3 +230,49 @@ def test_torchrun_an_oom_on_one_rank_lowers_the_batch_on_every_rank(tiny_base_di
     assert "lowering it to 2" in proc.stderr, proc.stderr[-3000:]
     meta = checkpoint.read_meta(tiny_base_dir / "base_checkpoints" / tag)
     assert meta["step"] == 4 and meta["train_config"]["device_batch_size"] == 2
+
+
+EVAL_FAILS_ON_RANK1 = """
+import os, sys
+import torch
+from nanotrain import model as gpt, train
+
+real_forward, real_attempt, state = gpt.GPT.forward, train._attempt, {"attempts": 0}
+
+def attempt(*args, **kwargs):  # one more evaluation pass (a retry is a pass of its own)
+    state["attempts"] += 1
+    return real_attempt(*args, **kwargs)
+
+def forward(self, idx, targets=None, *args, **kwargs):
+    if not self.training and os.environ["RANK"] == "1":
+        if state["attempts"] == 1:  # step 0's bpb pass: out of memory on rank 1 alone
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated on rank 1)")
+        if state["attempts"] == 3:  # step 2's bpb pass (the 2nd was step 0's retry): a failure of another kind
+            raise RuntimeError("simulated read error on rank 1")
+    return real_forward(self, idx, targets, *args, **kwargs)
+
+train._attempt = attempt
+gpt.GPT.forward = forward
+sys.exit(train.main(sys.argv[1:]))
+"""
+
+
+def test_torchrun_an_evaluation_failing_on_one_rank_fails_on_every_rank_and_training_goes_on(tiny_base_dir,
+                                                                                               tmp_path):
+    """Rank 1's evaluation fails inside the pass while rank 0's succeeds: before, rank 0 waited in the pass's
+    collective for a rank that had moved on (a hang, or collectives paired wrongly). Now both ranks retry the out of
+    memory at half the batch together, both give up the failed pass, and training goes on to the end."""
+    script = tmp_path / "eval_fails_on_rank1.py"
+    script.write_text(EVAL_FAILS_ON_RANK1)
+    tag = "torchrun-evalfail"
+    proc = torchrun([str(script), *TINY, f"--base-dir={tiny_base_dir}", f"--model-tag={tag}", "--eval-every=2"],
+                    timeout=180)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    err = proc.stderr
+    assert err.count("out of memory in the bpb evaluation at step 0: retrying at half its batch") == 1, err[-3000:]
+    assert "WARNING: rank 1: evaluation bpb failed at step 2: RuntimeError: simulated read error on rank 1" in err
+    assert "evaluation bpb failed at step 2: it failed on 1 other rank(s)" in err, err[-3000:]
+    rows = [json.loads(line) for line in (tiny_base_dir / "base_checkpoints" / tag / "metrics.jsonl").open()]
+    assert sorted(r["step"] for r in rows if "val/bpb" in r) == [0, 4]  # step 0 at half the batch; 2 failed
+    assert [r["step"] for r in rows if "eval_error" in r] == [2]
+    assert checkpoint.read_meta(tiny_base_dir / "base_checkpoints" / tag)["step"] == 4

@@ -484,8 +484,22 @@ def evaluate_core(model: torch.nn.Module, tokenizer: Any, device: torch.device |
     if max_per_task == 0:  # 0 rows would score every task 0 and report a negative CORE
         raise UserError("max_per_task is 0; pass a positive number of rows per task, or -1 for all of them")
     device = torch.device(device)
-    bundle = Path(bundle_dir) if bundle_dir is not None else ensure_eval_bundle(base_dir)
-    task_list = load_tasks(bundle, tasks)
+    rank, world = distributed.get_rank(), distributed.get_world_size()
+    # Under torch.distributed, everything that can fail on one rank alone (the bundle, a forward out of memory) runs
+    # inside a sum_over_ranks, whose collective every rank reaches: a failure on one rank fails the evaluation on
+    # every rank (PeerFailed on the others), none is left waiting. First the tasks (every rank must see the same):
+    setup: dict[str, Any] = {}
+
+    def load() -> Tensor:
+        setup["tasks"] = load_tasks(Path(bundle_dir) if bundle_dir is not None else ensure_eval_bundle(base_dir),
+                                    tasks)
+        return torch.tensor([len(setup["tasks"])])
+
+    counted = distributed.sum_over_ranks(load, 1, device)
+    task_list = setup["tasks"]
+    if int(counted.item()) != world * len(task_list):
+        raise UserError(f"the ranks read different CORE bundles (task counts sum to {int(counted.item())} over "
+                        f"{world} ranks, this one has {len(task_list)}); give every node the same eval_bundle")
     max_len = max_seq_len if max_seq_len is not None else _model_max_len(model)
     if max_batch_tokens is None:
         vocab = getattr(getattr(model, "config", None), "vocab_size", None) or tokenizer.vocab_size
@@ -494,17 +508,18 @@ def evaluate_core(model: torch.nn.Module, tokenizer: Any, device: torch.device |
     if share_prefix is None:
         share_prefix = device.type == "cpu"
     share_prefix = share_prefix and _supports_kv_cache(model)
-    rank, world = distributed.get_rank(), distributed.get_world_size()
     bos = tokenizer.bos_token_id
+    totals: list[int] = []
 
-    correct = torch.zeros(len(task_list), dtype=torch.float64)
-    totals = []
-    for ti, task in enumerate(task_list):  # one task at a time keeps the tokenized rows small
-        examples = _prepare_task(task, ti, tokenizer, max_per_task, max_len, rank, world, totals)
-        correct[ti] += sum(_score_examples(model, examples, bos, device, make_ctx, batch_size, max_batch_tokens,
-                                           share_prefix))
-    if world > 1:
-        correct = distributed.all_reduce_sum(correct.to(device)).cpu()
+    def score() -> Tensor:  # this rank's correct count per task
+        correct = torch.zeros(len(task_list), dtype=torch.float64)
+        for ti, task in enumerate(task_list):  # one task at a time keeps the tokenized rows small
+            examples = _prepare_task(task, ti, tokenizer, max_per_task, max_len, rank, world, totals)
+            correct[ti] += sum(_score_examples(model, examples, bos, device, make_ctx, batch_size, max_batch_tokens,
+                                               share_prefix))
+        return correct
+
+    correct = distributed.sum_over_ranks(score, len(task_list), device).cpu()
 
     results, centered, counts = {}, {}, {}
     for ti, task in enumerate(task_list):
