@@ -220,7 +220,7 @@ def setup(cfg: TrainConfig) -> Run:
 
     tokenizer = load_tokenizer(cfg.base_dir)  # fails here, before any work, when the data is missing
     mon.print(f"Vocab size: {tokenizer.vocab_size:,}")
-    model_config = model_config_for(cfg, tokenizer.vocab_size)
+    model_config = model_config_for(cfg, tokenizer.vocab_size, kv_heads=saved_kv_heads(ckpt_dir, resume_step))
     mon.print(f"Model config: {asdict(model_config)}")
     model = build_model(model_config, rt.device, cfg.seed, compute_dtype=precision.dtype or torch.float32)
     mon.print("Parameter counts: " + ", ".join(f"{k} {v:,}" for k, v in model.num_scaling_params().items()))
@@ -266,12 +266,23 @@ def setup(cfg: TrainConfig) -> Run:
                resume_step=resume_step, logged_at_resume=logged)
 
 
-def model_config_for(cfg: TrainConfig, vocab_size: int, depth: int | None = None) -> gpt.GPTConfig:
-    """The GPTConfig for a depth (default: --depth) under the run's shape options."""
+def model_config_for(cfg: TrainConfig, vocab_size: int, depth: int | None = None,
+                     kv_heads: int | None = None) -> gpt.GPTConfig:
+    """The GPTConfig for a depth (default: --depth) under the run's shape options. The trainer builds models with
+    one key/value head per query head, unless `kv_heads` (a resumed checkpoint's, see saved_kv_heads) says GQA."""
     depth = cfg.depth if depth is None else depth
     model_dim, num_heads = scaling.model_shape(depth, cfg.aspect_ratio, cfg.head_dim)
+    kv = kv_heads if kv_heads and num_heads % kv_heads == 0 else num_heads  # else the resume check names the shape
     return gpt.GPTConfig(sequence_len=cfg.max_seq_len, vocab_size=vocab_size, n_layer=depth, n_head=num_heads,
-                         n_kv_head=num_heads, n_embd=model_dim, window_pattern=cfg.window_pattern.upper())
+                         n_kv_head=kv, n_embd=model_dim, window_pattern=cfg.window_pattern.upper())
+
+
+def saved_kv_heads(ckpt_dir: Path, step: int | None) -> int | None:
+    """The key/value heads of the checkpoint a run resumes from (None for a fresh start): a model imported with GQA
+    (e.g. from nanochat) trains on with its own heads, since no option of the trainer sets them."""
+    if step is None:
+        return None
+    return checkpoint.read_meta(ckpt_dir, step).get("model_config", {}).get("n_kv_head")
 
 
 def build_model(model_config: gpt.GPTConfig, device: torch.device | None = None, seed: int = 42,

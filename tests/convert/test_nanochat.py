@@ -289,14 +289,16 @@ def test_import_of_a_checkpoint_nanochat_wrote(src_base, exported, tmp_path):
     assert (ours - torch.load(tmp_path / "logits.pt")).abs().max().item() <= 1e-5
 
 
-def test_training_continues_from_an_import(src_base, tmp_path, capsys):
+@pytest.mark.parametrize("kv_heads", [TINY["n_head"], TINY["n_kv_head"]], ids=["mha", "gqa"])
+def test_training_continues_from_an_import(src_base, tmp_path, capsys, kv_heads):
     """`nanotrain --resume-from-step=latest` on an imported (weights-only) checkpoint starts a new schedule from
-    its weights: the optimizer, data stream and loop state start fresh, the model is the import's."""
+    its weights: the optimizer, data stream and loop state start fresh, the model is the import's, GQA included
+    (the trainer builds MHA models, and takes an import's key/value heads from its checkpoint)."""
     from nanotrain import train
 
     base, _ = src_base
     tok = load_tokenizer(base)
-    cfg = GPTConfig(vocab_size=tok.vocab_size, **dict(TINY, n_kv_head=TINY["n_head"]))  # the trainer builds MHA
+    cfg = GPTConfig(vocab_size=tok.vocab_size, **dict(TINY, n_kv_head=kv_heads))
     model = train_tiny(cfg, tok, seed=3)
     src = tmp_path / "src"
     shutil.copytree(base, src)
@@ -315,8 +317,9 @@ def test_training_continues_from_an_import(src_base, tmp_path, capsys):
     assert train.main([*opts, "--num-iterations=6"]) == 2
     assert "would save over" in capsys.readouterr().err
     assert train.main([*opts, "--num-iterations=1"]) == 0
-    assert "a weights-only checkpoint: the optimizer, the data stream and the LR schedule start fresh" in \
-        capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "a weights-only checkpoint: the optimizer, the data stream and the LR schedule start fresh" in out
+    assert f"'n_kv_head': {kv_heads}," in out  # the model trained is the import's shape
     after = load_checkpoint(paths.checkpoint_dir("imp", dest), 1, load_optim=False).model_state
     imported = model.state_dict()
     # one small step from the import: far closer to it than the import is to a re-initialized model
