@@ -48,7 +48,11 @@ The variants compiled (the training-critical ones; any other dtype or head_dim r
     fp8_matmul   a e4m3 or e5m2 x b e4m3 -> bf16 or fp32, FAST_ACCUM 0 and 1 (the autotune list's first config
                  for each: it differs on Hopper); the row variant is a row-major, b column-major, c row-major.
   A call with another flag combination (e.g. a custom Float8Config's e5m2 weights, or fp16 inputs) has no
-  cubin: nanotrain/ops/fp8.py's aot wrappers send it to the Triton backend (aot_serves).
+  cubin: nanotrain/ops/fp8.py's aot wrappers send it to the Triton backend (aot_serves). The generic rows
+  serve awkward shapes correctly, not fast: on sm_90a the GEMM's spill 1.3-2.8 KB per thread at the first
+  configs (ptxas, measured; the unit-stride specialization the JIT would compile for such a call spills 3-6.4
+  KB), the mode-2 amax's and cast's 152 and 16 bytes. Training's linears (dims multiples of 16) take the 'row'
+  variants, none of which spills on sm_90a (sm_89 not measured).
 
 This module never imports nanotrain.
 """
