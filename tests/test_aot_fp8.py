@@ -429,9 +429,21 @@ def test_the_routing_is_a_constant_for_torch_compile(emulated_aot_ops):
 
     x = torch.randn(32, 48)
     torch._dynamo.reset()
-    got = torch.compile(f, backend="eager", fullgraph=True)(x)
+    try:
+        got = torch.compile(f, backend="eager", fullgraph=True)(x)
+    finally:
+        torch._dynamo.reset()
     assert torch.equal(got, f(x))
     assert calls == [f"aot quantize {torch.float32} {E4M3} -1"] * 2
+
+
+def test_cmake_rebuilds_the_cubins_when_a_kernel_module_changes():
+    """CMakeLists.txt's ahead-of-time step DEPENDS on every module kernels/_aot.py compiles from (setup.py's cache
+    digest reads KERNELS itself)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    depends = next(line for line in open(os.path.join(root, "CMakeLists.txt")) if "DEPENDS kernels/_aot.py" in line)
+    for module in {module for module, _, _ in _aot().KERNELS.values()}:
+        assert f"kernels/{module}.py" in depends.split(), module
 
 
 # ------------------------------------------------------------------------------------------------------------------
