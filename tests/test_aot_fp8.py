@@ -437,6 +437,37 @@ def test_the_routing_is_a_constant_for_torch_compile(emulated_aot_ops):
     assert calls == [f"aot quantize {torch.float32} {E4M3} -1"] * 2
 
 
+def test_a_compiled_float8_linear_runs_the_aot_ops(emulated_aot_ops):
+    """The tensorwise Float8Linear through the aot backends under torch.compile (aot_eager, fullgraph: the
+    autograd.Function and the routing trace without a break): forward and backward equal eager's, and the compiled
+    graph calls the aot ops for the compiled casts and GEMMs (fp32 inputs here: dy's fp32 -> e5m2 cast has no
+    cubin and goes to Triton)."""
+    calls = emulated_aot_ops
+    config = F8.Float8Config.from_recipe("tensorwise")
+    aot = F8.Fp8Kernels(F8.aot_quantize, F8.aot_quantize_dual, F8.aot_matmul, F8.aot_matmul)
+    w = torch.randn(48, 64, requires_grad=True)
+    x = torch.randn(32, 64, requires_grad=True)
+
+    def step(fn):
+        y = fn(x, w)
+        return (y, *torch.autograd.grad(y.square().sum(), (x, w)))
+
+    def f(x, w):
+        return F8.float8_linear(x, w, None, config, aot)
+
+    eager = step(f)
+    calls.clear()
+    torch._dynamo.reset()
+    try:
+        compiled = step(torch.compile(f, backend="aot_eager", fullgraph=True))
+    finally:
+        torch._dynamo.reset()
+    assert all(torch.equal(a, b) for a, b in zip(compiled, eager))
+    fp32, e4, e5 = torch.float32, E4M3, E5M2
+    assert calls == [f"aot quantize {fp32} {e4} -1", f"aot quantize {fp32} {e4} -1",
+                     f"aot matmul {e4} {e4} {fp32} True", *[f"aot matmul {e5} {e4} {fp32} False"] * 2]
+
+
 def test_cmake_rebuilds_the_cubins_when_a_kernel_module_changes():
     """CMakeLists.txt's ahead-of-time step DEPENDS on every module kernels/_aot.py compiles from (setup.py's cache
     digest reads KERNELS itself)."""
