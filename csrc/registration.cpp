@@ -30,4 +30,16 @@ TORCH_LIBRARY(nanotrain, m) {
   m.def(
       "aot_attention_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor(a!) dq,"
       " Tensor(b!) dk, Tensor(c!) dv, int? window, float scale) -> ()");
+
+  // FP8 casts and GEMM from the ahead-of-time compiled Triton kernels (fp8/aot_ops.cpp; cubins for sm89+ targets
+  // only), functional like kernels/fp8.py quantize / quantize_rows_and_cols / matmul: x (R, C) -> (q (R, C) or
+  // empty, scale () / (R, 1) / (1, C), q_t (C, R) or empty) for mode -1 / 1 / 0; the dual cast (mode 2); the
+  // scaled GEMM a (M, K) x b (K, N) -> (M, N) in out_dtype.
+  m.def(
+      "aot_fp8_quantize(Tensor x, ScalarType fp8_dtype, int mode, bool power_of_2, bool write_main, bool write_t)"
+      " -> (Tensor, Tensor, Tensor)");
+  m.def("aot_fp8_quantize_dual(Tensor x, ScalarType fp8_dtype, bool power_of_2) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "aot_fp8_matmul(Tensor a, Tensor b, Tensor scale_a, Tensor scale_b, ScalarType out_dtype, bool use_fast_accum)"
+      " -> Tensor");
 }

@@ -20,4 +20,5 @@ set(NANOTRAIN_CUDA_SOURCES
   csrc/aot/launcher.cpp
   csrc/attention/aot_ops.cpp
   csrc/muon/aot_ops.cpp
+  csrc/fp8/aot_ops.cpp
 )

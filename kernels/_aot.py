@@ -36,6 +36,23 @@ The variants compiled (the training-critical ones; any other dtype or head_dim r
     sym_matmul   HAS_Z False: row-major, column-major (a tall matrix's transpose view), generic
                  HAS_Z True: row-major, generic
     axpby_matmul ADD_X True: row-major, column-major, generic;  ADD_X False (the Gram path): generic
+  FP8 (kernels/fp8.py: amax, cast, GEMM), for sm89+ targets only (Entry.min_arch: the default "80;90a" build
+  embeds them for sm_90a; Ada users add 89 to NANOTRAIN_CUDA_ARCHES), each flag combination with a training-
+  layout row (contiguous, dims multiples of 16) and a generic row:
+    fp8_cast     the casts of nanotrain/ops/fp8.py's recipes and self-checks (FP8_CASTS): tensorwise mode -1
+                 with both copies of bf16 x / dy (e4m3 / e5m2) and of the fp32 weight; rowwise mode 2 (pow2) of
+                 bf16 x and dy, fp32 weight mode 1 (main copy) and mode 0 (transposed copy); self-check modes 1
+                 and 0 on bf16 with both copies. BLOCK 64 x 64 as _launch on a GPU.
+    fp8_amax     the (x dtype, mode) pairs of those casts; BLOCK_C 256 for every C (a max is exact, whatever the
+                 blocking: see _fp8_amax_config).
+    fp8_matmul   a e4m3 or e5m2 x b e4m3 -> bf16 or fp32, FAST_ACCUM 0 and 1 (the autotune list's first config
+                 for each: it differs on Hopper); the row variant is a row-major, b column-major, c row-major.
+  A call with another flag combination (e.g. a custom Float8Config's e5m2 weights, or fp16 inputs) has no
+  cubin: nanotrain/ops/fp8.py's aot wrappers send it to the Triton backend (aot_serves). The generic rows
+  serve awkward shapes correctly, not fast: on sm_90a the GEMM's spill 1.3-2.8 KB per thread at the first
+  configs (ptxas, measured; the unit-stride specialization the JIT would compile for such a call spills 3-6.4
+  KB), the mode-2 amax's and cast's 152 and 16 bytes. Training's linears (dims multiples of 16) take the 'row'
+  variants, none of which spills on sm_90a (sm_89 not measured).
 
 This module never imports nanotrain.
 """
@@ -63,10 +80,12 @@ ONE, DIV16, ANY = 1, 16, 17
 class Entry:
     """One specialization of one kernel: `args` are example values of its runtime parameters (classes: ONE,
     DIV16, ANY for ints, "*bf16" for pointers, a float for fp32) and of its flag constexprs; the block sizes
-    and warps come from the per-architecture config table."""
+    and warps come from the per-architecture config table. `min_arch`: the lowest compute capability the entry
+    is compiled for (FP8 needs sm89+); targets below it get no cubin of it (see `built_for`)."""
     kernel: str  # name in KERNELS
     label: str
     args: dict = field(hash=False)
+    min_arch: tuple[int, int] = (0, 0)
 
 
 def _module(name: str):
@@ -102,6 +121,32 @@ def _preprocess_config(capability: tuple[int, int]) -> tuple[dict, int, int]:
     return {"BLOCK_M": 64}, 4, 3
 
 
+# The FP8 kernels (kernels/fp8.py) as kernels/fp8.py `_launch` and `matmul` launch them on a GPU. The two casts'
+# block sizes are _launch's GPU values (fixed there, not tuned) and Triton's default launch shape (4 warps, 3
+# stages, as a launch without num_warps gets); tests/test_aot_fp8.py checks them against _launch's launches.
+FP8_AMAX_BLOCK_R, FP8_AMAX_BLOCK_C, FP8_CAST_TILE = 32, 256, 64
+
+
+def _fp8_amax_config(capability: tuple[int, int]) -> tuple[dict, int, int]:
+    # _launch takes BLOCK_C = min(256, next_pow2(C)): 256 for every C >= 129 (each training linear), smaller for
+    # narrow tensors (the self-checks' C = 80 gets 128). One BLOCK_C serves every C here: the kernel's result is a
+    # max (of |x|, per row, per column or of all), exact and independent of how the columns are blocked (NaN
+    # included: every NaN becomes the same canonical NaN), so the amax, the scales and the fp8 bytes are the
+    # JIT path's bit for bit whatever C is. (The grid, cdiv(R, BLOCK_R), does not depend on BLOCK_C.)
+    return {"BLOCK_R": FP8_AMAX_BLOCK_R, "BLOCK_C": FP8_AMAX_BLOCK_C}, 4, 3
+
+
+def _fp8_cast_config(capability: tuple[int, int]) -> tuple[dict, int, int]:
+    return {"BLOCK_R": FP8_CAST_TILE, "BLOCK_C": FP8_CAST_TILE}, 4, 3
+
+
+def _fp8_matmul_config(capability: tuple[int, int], args: dict) -> tuple[dict, int, int]:
+    # kernels/fp8.py matmul autotunes over gpu_configs(capability, fast_accum) (Hopper's list for sm90+, Ada's for
+    # sm89); NANOTRAIN_AUTOTUNE=first keeps the first entry, which depends on FAST_ACCUM on Hopper
+    c = _module("fp8").gpu_configs(capability, bool(args["FAST_ACCUM"]))[0]
+    return dict(c.kwargs), c.num_warps, c.num_stages
+
+
 # kernel name -> (module in kernels/, function attribute, config of a capability -> (constexprs, warps, stages))
 KERNELS = {
     "sym_matmul": ("newton_schulz", "_sym_matmul_kernel", _sym_config),
@@ -110,6 +155,9 @@ KERNELS = {
     "attn_preprocess": ("attention", "_attention_bwd_preprocess_kernel", _preprocess_config),
     "attn_dkdv": ("attention", "_attention_bwd_dkdv_kernel", _attention_config("dkdv")),
     "attn_dq": ("attention", "_attention_bwd_dq_kernel", _attention_config("dq")),
+    "fp8_amax": ("fp8", "_fp8_amax_kernel", _fp8_amax_config),
+    "fp8_cast": ("fp8", "_fp8_cast_kernel", _fp8_cast_config),
+    "fp8_matmul": ("fp8", "_fp8_matmul_kernel", _fp8_matmul_config),
 }
 
 
@@ -118,8 +166,15 @@ def _kernel_fn(kernel: str):
     return getattr(_module(module), attr)
 
 
-def _config(kernel: str, capability: tuple[int, int]) -> tuple[dict, int, int]:
-    return KERNELS[kernel][2](capability)
+def _config(kernel: str, capability: tuple[int, int], args: dict | None = None) -> tuple[dict, int, int]:
+    """A kernel's launch config for a target; a config function of two parameters also gets the entry's args
+    (whose flags may choose the config: the FP8 GEMM's FAST_ACCUM)."""
+    import inspect
+
+    fn = KERNELS[kernel][2]
+    if len(inspect.signature(fn).parameters) == 2:
+        return fn(capability, args or {})
+    return fn(capability)
 
 
 def _strides(layout: str, prefix: str, rows: str, cols: str) -> dict:
@@ -191,6 +246,72 @@ def _attention_entry(kernel: str, head_dim: int, layout: str) -> Entry:
     return Entry(kernel, f"bf16 HEAD_DIM={head_dim} {layout}", args)
 
 
+# ---- FP8 (kernels/fp8.py): sm89+ targets only (FP8 tensor cores and conversions) --------------------------------
+FP8_MIN_ARCH = (8, 9)
+FP8_POINTERS = {"e4m3": "*fp8e4nv", "e5m2": "*fp8e5"}  # Triton's names of torch.float8_e4m3fn / float8_e5m2
+
+
+def _fp8_x(layout: str) -> dict:
+    """The cast's input (R, C): 'row' a contiguous tensor with R, C multiples of 16 (every training linear's x, dy
+    and weight); 'any' the generic row."""
+    if layout == "row":
+        return {"R": DIV16, "C": DIV16, "stride_xr": DIV16, "stride_xc": ONE}
+    return {"R": ANY, "C": ANY, "stride_xr": ANY, "stride_xc": ANY}
+
+
+def _fp8_amax_entry(x: str, mode: int, layout: str) -> Entry:
+    args = {"x_ptr": f"*{x}", "amax_ptr": "*fp32", "amax_col_ptr": "*fp32", **_fp8_x(layout), "MODE": mode}
+    return Entry("fp8_amax", f"{x} MODE={mode} {layout}", args, FP8_MIN_ARCH)
+
+
+def _fp8_cast_entry(x: str, fp8: str, mode: int, pow2: bool, write_main: bool, write_t: bool, layout: str) -> Entry:
+    import torch
+
+    fp8_module = _module("fp8")
+    dtype = fp8_module._TORCH_FP8[fp8]
+    mant, min_exp = fp8_module.FP8_FORMATS[dtype]
+    args = {"x_ptr": f"*{x}", "amax_ptr": "*fp32", "amax_col_ptr": "*fp32", "out_ptr": FP8_POINTERS[fp8],
+            "out_t_ptr": FP8_POINTERS[fp8], "scale_ptr": "*fp32", "scale_col_ptr": "*fp32", **_fp8_x(layout),
+            "MODE": mode, "FP8_MAX": float(torch.finfo(dtype).max), "EPS_": fp8_module.EPS, "POW2": pow2,
+            "MANT_BITS": mant, "MIN_EXP": min_exp, "WRITE_MAIN": write_main, "WRITE_T": write_t}
+    writes = "+".join(w for w, on in (("main", write_main), ("t", write_t)) if on)
+    return Entry("fp8_cast", f"{x}->{fp8} MODE={mode} POW2={int(pow2)} {writes} {layout}", args, FP8_MIN_ARCH)
+
+
+def _fp8_matmul_entry(a: str, out: str, fast_accum: bool, layout: str) -> Entry:
+    """a (M, K) in `a` x b (K, N) in e4m3 -> out (M, N): 'row' is the recipes' layout (a row-major, b column-major:
+    the .t() of a row-major (N, K) copy, out row-major; M, N, K multiples of 16), 'any' the generic row. The
+    scale strides (0: one scale per tensor, 1: per row / column) are plain ints in both, so one cubin serves the
+    tensorwise and the rowwise recipes."""
+    if layout == "row":
+        ints = {"M": DIV16, "N": DIV16, "K": DIV16, "stride_am": DIV16, "stride_ak": ONE, "stride_bk": ONE,
+                "stride_bn": DIV16, "stride_cm": DIV16, "stride_cn": ONE}
+    else:
+        ints = {n: ANY for n in ("M", "N", "K", "stride_am", "stride_ak", "stride_bk", "stride_bn", "stride_cm",
+                                 "stride_cn")}
+    args = {"a_ptr": FP8_POINTERS[a], "b_ptr": FP8_POINTERS["e4m3"], "c_ptr": f"*{out}", "sa_ptr": "*fp32",
+            "sb_ptr": "*fp32", **ints, "stride_sa": ANY, "stride_sb": ANY, "FAST_ACCUM": fast_accum}
+    return Entry("fp8_matmul", f"{a} x e4m3 -> {out} FAST_ACCUM={int(fast_accum)} {layout}", args, FP8_MIN_ARCH)
+
+
+# The casts nanotrain/ops/fp8.py makes, (x dtype, fp8 format, mode, power_of_2, write_main, write_t):
+FP8_CASTS = [
+    ("bf16", "e4m3", -1, False, True, True),   # tensorwise: x (and the self-check's mode -1)
+    ("bf16", "e5m2", -1, False, True, True),   # tensorwise: dy
+    ("fp32", "e4m3", -1, False, True, True),   # tensorwise: the fp32 master weight
+    ("bf16", "e4m3", 2, True, True, True),     # rowwise: x and dy (quantize_dual), and its self-check
+    ("fp32", "e4m3", 1, True, True, False),    # rowwise: the weight per row (forward)
+    ("fp32", "e4m3", 0, True, False, True),    # rowwise: the weight per column, transposed (grad-input)
+    ("bf16", "e4m3", 1, True, True, True),     # self_check_cast, mode 1
+    ("bf16", "e4m3", 0, True, True, True),     # self_check_cast, mode 0
+]
+FP8_AMAX = sorted({(x, mode) for x, _, mode, _, _, _ in FP8_CASTS}, key=lambda k: (k[0], -k[1]))
+# The GEMMs, (a format, out dtype, FAST_ACCUM); b is e4m3 in every recipe: e4m3 x e4m3 (forward, rowwise
+# backward, self-check) and e5m2 x e4m3 (tensorwise dy times W or x), into bf16 (y, dx) or fp32 (dW: the
+# weight's dtype), with and without fast accumulation (tensorwise forward / backward, rowwise all fast, the
+# self-check both): all eight, so a custom Float8Config's choice of accumulation also has a cubin.
+FP8_GEMMS = [(a, out, fast) for a in ("e4m3", "e5m2") for out in ("bf16", "fp32") for fast in (True, False)]
+
 # Per kernel, the most specialized first: the launcher takes the first row that admits a call.
 VARIANTS: list[Entry] = [
     _sym_entry(False, "row"), _sym_entry(False, "col"), _sym_entry(True, "row"),
@@ -199,6 +320,10 @@ VARIANTS: list[Entry] = [
     *[_attention_entry(kernel, head_dim, layout) for kernel in ("attn_fwd", "attn_dkdv", "attn_dq")
       for head_dim in (64, 128) for layout in ("mha", "row", "any")],
     *[_attention_entry("attn_preprocess", head_dim, layout) for head_dim in (64, 128) for layout in ("row", "any")],
+    # FP8 (sm89+ only)
+    *[_fp8_amax_entry(x, mode, layout) for x, mode in FP8_AMAX for layout in ("row", "any")],
+    *[_fp8_cast_entry(*cast, layout) for cast in FP8_CASTS for layout in ("row", "any")],
+    *[_fp8_matmul_entry(a, out, fast, layout) for a, out, fast in FP8_GEMMS for layout in ("row", "any")],
 ]
 
 
@@ -216,6 +341,16 @@ def capability_of(arch: str) -> tuple[int, int]:
     return n // 10, n % 10
 
 
+def built_for(entry: Entry, arch: str) -> bool:
+    """Whether target `arch` gets a cubin of `entry` (its compute capability is at least the entry's min_arch)."""
+    return capability_of(arch) >= tuple(entry.min_arch)
+
+
+def entries_for(arch: str) -> list[Entry]:
+    """The VARIANTS entries compiled for target `arch`, in table order."""
+    return [e for e in VARIANTS if built_for(e, arch)]
+
+
 def describe(entry: Entry, arch: str) -> dict:
     """The launcher's view of one compiled variant, derived from the kernel's current signature and the
     entry (no compile): parameters in kernel order with kind ('ptr', 'i32', 'i64', 'fp32', 'one': the
@@ -223,7 +358,10 @@ def describe(entry: Entry, arch: str) -> dict:
     from kernels._compile import _arg_spec
 
     fn = _kernel_fn(entry.kernel)
-    config, warps, stages = _config(entry.kernel, capability_of(arch))
+    if not built_for(entry, arch):
+        raise ValueError(f"{entry.kernel} [{entry.label}] needs sm_{entry.min_arch[0]}{entry.min_arch[1]}+, "
+                         f"not sm_{arch}")
+    config, warps, stages = _config(entry.kernel, capability_of(arch), entry.args)
     params, constexprs = [], {}
     for name, is_constexpr in signature(fn):
         if is_constexpr:
@@ -276,12 +414,13 @@ def _compile_arch(arch: str, indices: list[int]) -> list[dict]:
 
 
 def compile_all(arches: list[str], jobs: int = 2) -> list[dict]:
-    """Every VARIANTS entry for every arch, one fresh process per arch (see compile_cases: a compile must not
-    depend on what the same process compiled before for another target), `jobs` at a time."""
+    """Every VARIANTS entry for every arch it is built for (min_arch), one fresh process per arch (see
+    compile_cases: a compile must not depend on what the same process compiled before for another target),
+    `jobs` at a time."""
     ctx = multiprocessing.get_context("spawn")
-    indices = list(range(len(VARIANTS)))
     with concurrent.futures.ProcessPoolExecutor(max_workers=max(1, jobs), mp_context=ctx) as pool:
-        futures = [pool.submit(_compile_arch, arch, indices) for arch in arches]
+        futures = [pool.submit(_compile_arch, arch, [i for i, e in enumerate(VARIANTS) if built_for(e, arch)])
+                   for arch in arches]
         return [row for f in futures for row in f.result()]
 
 
@@ -385,6 +524,12 @@ def source_digest(arches: list[str]) -> str:
     return h.hexdigest()
 
 
+def _per_arch(arches: list[str]) -> str:
+    """'31 variants for sm_80, 77 for sm_90a' (entries below a target's min_arch are not built for it)."""
+    counts = [f"{len(entries_for(a))} {'variants for ' if i == 0 else 'for '}sm_{a}" for i, a in enumerate(arches)]
+    return ", ".join(counts)
+
+
 def build(out_dir: str, arches: list[str], jobs: int = 2, log=print) -> bool:
     """Write aot_table.cpp and aot_args.h into out_dir unless a build of the same sources is there (cache).
     Returns True when it compiled."""
@@ -393,7 +538,7 @@ def build(out_dir: str, arches: list[str], jobs: int = 2, log=print) -> bool:
     stamp = os.path.join(out_dir, "aot.stamp")
     files = [os.path.join(out_dir, f) for f in ("aot_table.cpp", "aot_args.h")]
     if os.path.exists(stamp) and open(stamp).read() == digest and all(os.path.exists(f) for f in files):
-        log(f"AOT kernels: up to date in {out_dir} ({len(VARIANTS)} variants x {len(arches)} arches)")
+        log(f"AOT kernels: up to date in {out_dir} ({_per_arch(arches)})")
         return False
     start = time.time()
     rows = compile_all(arches, jobs)
@@ -403,8 +548,7 @@ def build(out_dir: str, arches: list[str], jobs: int = 2, log=print) -> bool:
         os.replace(path + ".tmp", path)
     with open(stamp, "w") as f:
         f.write(digest)
-    log(f"AOT kernels: compiled {len(rows)} cubins ({len(VARIANTS)} variants x sm_{', sm_'.join(arches)}) "
-        f"in {time.time() - start:.0f} s into {out_dir}")
+    log(f"AOT kernels: compiled {len(rows)} cubins ({_per_arch(arches)}) in {time.time() - start:.0f} s into {out_dir}")
     return True
 
 

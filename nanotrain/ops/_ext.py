@@ -193,3 +193,28 @@ def _register_fakes() -> None:
         torch._check(B.shape == (X.shape[0], X.shape[1], X.shape[1]), lambda: "aot_axpby_matmul: B must be (B, M, M)")
         return None
 
+    # The ahead-of-time FP8 casts and GEMM (csrc/fp8/aot_ops.cpp) allocate their outputs, as kernels/fp8.py's
+    # quantize, quantize_rows_and_cols and matmul do: the same shapes and dtypes here.
+    @torch.library.register_fake("nanotrain::aot_fp8_quantize")
+    def _aot_fp8_quantize_fake(x, fp8_dtype, mode, power_of_2, write_main, write_t):
+        torch._check(x.dim() == 2, lambda: "aot_fp8_quantize: x must be 2-D (rows, cols)")
+        torch._check(mode in (-1, 0, 1), lambda: "aot_fp8_quantize: mode must be -1, 0 or 1")
+        R, C = x.shape
+        scale_shape = () if mode == -1 else ((R, 1) if mode == 1 else (1, C))
+        return (x.new_empty((R, C) if write_main else (0,), dtype=fp8_dtype),
+                x.new_empty(scale_shape, dtype=torch.float32),
+                x.new_empty((C, R) if write_t else (0,), dtype=fp8_dtype))
+
+    @torch.library.register_fake("nanotrain::aot_fp8_quantize_dual")
+    def _aot_fp8_quantize_dual_fake(x, fp8_dtype, power_of_2):
+        torch._check(x.dim() == 2, lambda: "aot_fp8_quantize_dual: x must be 2-D (rows, cols)")
+        R, C = x.shape
+        return (x.new_empty((R, C), dtype=fp8_dtype), x.new_empty((R, 1), dtype=torch.float32),
+                x.new_empty((C, R), dtype=fp8_dtype), x.new_empty((1, C), dtype=torch.float32))
+
+    @torch.library.register_fake("nanotrain::aot_fp8_matmul")
+    def _aot_fp8_matmul_fake(a, b, scale_a, scale_b, out_dtype, use_fast_accum):
+        torch._check(a.dim() == 2 and b.dim() == 2 and a.shape[1] == b.shape[0],
+                     lambda: "aot_fp8_matmul: a (M, K) and b (K, N) do not chain")
+        return a.new_empty((a.shape[0], b.shape[1]), dtype=out_dtype)
+

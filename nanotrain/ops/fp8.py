@@ -23,8 +23,10 @@ Backends (see registry.py): op "fp8_matmul": scaled_mm (torch._scaled_mm / cuBLA
 rowwise needs sm90), triton (kernels/fp8.py, scales applied in the epilogue), reference (dequantize to
 fp32 and matmul, anywhere). Op "fp8_quantize": triton (fused absmax + scale + cast + transposed copy),
 reference. Op "fp8_quantize_dual" (rowwise: a tensor scaled per row and, transposed, per column, from one
-amax pass and one cast pass): triton, reference. The registry keeps the first available; a per-shape
-measured choice between scaled_mm and triton is left for when a GPU has measured both (bench_fp8.py).
+amax pass and one cast pass): triton, reference. Each op also has an `aot` backend ahead of triton (after
+scaled_mm for the GEMM): the same kernels compiled ahead of time into nanotrain._C (sm89+ targets only).
+The registry keeps the first available; a per-shape measured choice between scaled_mm and triton is left
+for when a GPU has measured both (bench_fp8.py).
 
 Each fused backend is a torch.library custom op with a fake implementation (nanotrain::triton_fp8_quantize,
 triton_fp8_quantize_dual, triton_fp8_matmul), so torch.compile traces the autograd.Function around them as
@@ -315,6 +317,137 @@ def triton_matmul(a: Tensor, b: Tensor, scale_a: Tensor, scale_b: Tensor, out_dt
 
 
 # ----------------------------------------------------------------------------------------------------
+# AOT backend: the same three kernels compiled ahead of time into nanotrain._C (kernels/_aot.py lists the
+# variants: the recipes' and the self-checks' casts and GEMMs, for sm89+ targets only), launched by
+# csrc/fp8/aot_ops.cpp with the configs NANOTRAIN_AUTOTUNE=first gives the Triton backend, so the same bits.
+# No Triton, no compile, no autotune at run time for the calls the cubins serve.
+#
+# A call whose flags have no cubin (a custom Float8Config's e5m2 weights, fp16 inputs, an int past 32 bits) is
+# routed to the Triton backend by the wrapper itself: `aot_serves` reads the extension's embedded table once per
+# device (a flag combination counts when it has a generic row, so every shape and stride of it has a cubin) and
+# is a constant for torch.compile, which traces the wrappers (inside _Float8LinearFn) with the decision folded in.
+# The check cannot refuse instead: one resolved backend serves every cast of a layer (bf16 x, fp32 weight, ...).
+
+AOT_QUANTIZE_KERNELS = ("fp8_amax", "fp8_cast")
+AOT_MATMUL_KERNELS = ("fp8_matmul",)
+# torch dtype -> Triton's name of a pointer to it (the table's params' dtype)
+_AOT_DTYPES = {torch.bfloat16: "bf16", torch.float32: "fp32", torch.float16: "fp16", E4M3: "fp8e4nv",
+               E5M2: "fp8e5"}
+_AOT_SERVED: dict[int, frozenset] = {}  # CUDA device index -> aot_served_keys of its arch
+
+
+def aot_served_keys(table: list[dict], arch: str) -> frozenset:
+    """The FP8 calls the embedded cubins serve on target `arch` (e.g. "90a"), as keys: ("fp8_amax", x dtype,
+    MODE), ("fp8_cast", x dtype, fp8 dtype, MODE, POW2, WRITE_MAIN, WRITE_T), ("fp8_matmul", a, b, out dtype,
+    FAST_ACCUM), dtypes by Triton name. Only flag combinations with a generic row count (every int a plain i32,
+    no hint): then any call of them with 32-bit ints has a row (the ops copy an input that is not 16-byte
+    aligned)."""
+    keys = set()
+    for row in table:
+        if row["arch"] != arch or not row["kernel"].startswith("fp8_"):
+            continue
+        if not all(p["kind"] in ("ptr", "i32") and (p["kind"] == "ptr" or p["hint"] == "") for p in row["params"]):
+            continue
+        ptr = {p["name"]: p["dtype"] for p in row["params"] if p["kind"] == "ptr"}
+        c = row["constexprs"]
+        if row["kernel"] == "fp8_amax":
+            keys.add(("fp8_amax", ptr["x_ptr"], c["MODE"]))
+        elif row["kernel"] == "fp8_cast":
+            keys.add(("fp8_cast", ptr["x_ptr"], ptr["out_ptr"], c["MODE"], bool(c["POW2"]), bool(c["WRITE_MAIN"]),
+                      bool(c["WRITE_T"])))
+        elif row["kernel"] == "fp8_matmul":
+            keys.add(("fp8_matmul", ptr["a_ptr"], ptr["b_ptr"], ptr["c_ptr"], bool(c["FAST_ACCUM"])))
+    return frozenset(keys)
+
+
+@torch.compiler.assume_constant_result
+def aot_serves(device_index: int, *keys: tuple) -> bool:
+    """Whether the cubins nanotrain._C embeds for CUDA device `device_index`'s arch serve every key (see
+    aot_served_keys). Read once per device; a constant for torch.compile."""
+    from nanotrain.ops import _ext
+
+    served = _AOT_SERVED.get(device_index)
+    if served is None:
+        served = aot_served_keys(_ext.aot_table(), _ext.device_arch(torch.device("cuda", device_index)))
+        _AOT_SERVED[device_index] = served
+    return all(k in served for k in keys)
+
+
+def _fits_i32(*values: int) -> bool:
+    return all(-(2**31) <= v < 2**31 for v in values)
+
+
+def _device_index(t: Tensor) -> int:
+    return t.device.index if t.device.index is not None else 0
+
+
+def aot_quantize(x: Tensor, fp8_dtype: torch.dtype, mode: int, power_of_2: bool, write_main: bool,
+                 write_t: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """The fp8_quantize aot backend: nanotrain::aot_fp8_quantize where a cubin serves the call (aot_serves), else
+    the Triton backend. Same contract as reference_cast."""
+    xd, qd = _AOT_DTYPES.get(x.dtype), _AOT_DTYPES.get(fp8_dtype)
+    if (x.dim() == 2 and _fits_i32(*x.shape, *x.stride()) and
+            aot_serves(_device_index(x), ("fp8_amax", xd, mode),
+                       ("fp8_cast", xd, qd, mode, bool(power_of_2), bool(write_main), bool(write_t)))):
+        return torch.ops.nanotrain.aot_fp8_quantize(x, fp8_dtype, mode, power_of_2, write_main, write_t)
+    return triton_quantize(x, fp8_dtype, mode, power_of_2, write_main, write_t)
+
+
+def aot_quantize_dual(x: Tensor, fp8_dtype: torch.dtype, power_of_2: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The fp8_quantize_dual aot backend: nanotrain::aot_fp8_quantize_dual where a cubin serves the call, else the
+    Triton backend."""
+    xd, qd = _AOT_DTYPES.get(x.dtype), _AOT_DTYPES.get(fp8_dtype)
+    if (x.dim() == 2 and _fits_i32(*x.shape, *x.stride()) and
+            aot_serves(_device_index(x), ("fp8_amax", xd, 2), ("fp8_cast", xd, qd, 2, bool(power_of_2), True, True))):
+        return torch.ops.nanotrain.aot_fp8_quantize_dual(x, fp8_dtype, power_of_2)
+    return triton_quantize_dual(x, fp8_dtype, power_of_2)
+
+
+def aot_matmul(a: Tensor, b: Tensor, scale_a: Tensor, scale_b: Tensor, out_dtype: torch.dtype,
+               use_fast_accum: bool = False) -> Tensor:
+    """The fp8_matmul aot backend: nanotrain::aot_fp8_matmul where a cubin serves the call, else the Triton
+    backend."""
+    key = ("fp8_matmul", _AOT_DTYPES.get(a.dtype), _AOT_DTYPES.get(b.dtype), _AOT_DTYPES.get(out_dtype),
+           bool(use_fast_accum))
+    if (a.dim() == 2 and b.dim() == 2 and _fits_i32(*a.shape, *a.stride(), *b.shape, *b.stride()) and
+            aot_serves(_device_index(a), key)):
+        return torch.ops.nanotrain.aot_fp8_matmul(a, b, scale_a, scale_b, out_dtype, bool(use_fast_accum))
+    return triton_matmul(a, b, scale_a, scale_b, out_dtype, use_fast_accum)
+
+
+def _aot_check(device: torch.device, dtype: torch.dtype, kernels: tuple[str, ...], op: str) -> str | None:
+    from nanotrain.ops import _ext
+
+    device = torch.device(device)
+    if device.type == "cuda" and torch.cuda.is_available():
+        why = _fp8_capability_reason(device)
+        if why is not None:
+            return f"FP8 cubins need CUDA sm89+, this device is {why}"
+    if dtype not in (torch.bfloat16, torch.float32):
+        return f"{dtype} has no FP8 cubins (bfloat16 or float32; the triton backend serves it)"
+    why = _ext.aot_unavailable(kernels, device, ops=(op,))
+    if why is not None and why.startswith("no cubin"):
+        why += "; the FP8 cubins are built for sm89+ targets only (Ada GPUs: add 89 to NANOTRAIN_CUDA_ARCHES)"
+    return why
+
+
+def aot_check_quantize(device: torch.device, dtype: torch.dtype, **props) -> str | None:
+    """Why the AOT fp8_quantize cannot run here (None if it can): an sm89+ GPU, bfloat16 or float32, the extension's
+    cubins for the GPU's arch (see _ext.aot_unavailable; the default build holds them for sm_90a only)."""
+    return _aot_check(device, dtype, AOT_QUANTIZE_KERNELS, "aot_fp8_quantize")
+
+
+def aot_check_quantize_dual(device: torch.device, dtype: torch.dtype, **props) -> str | None:
+    """aot_check_quantize for fp8_quantize_dual."""
+    return _aot_check(device, dtype, AOT_QUANTIZE_KERNELS, "aot_fp8_quantize_dual")
+
+
+def aot_check_matmul(device: torch.device, dtype: torch.dtype, **props) -> str | None:
+    """aot_check_quantize for fp8_matmul (tensorwise and rowwise, aligned or not: the generic rows serve any shape)."""
+    return _aot_check(device, dtype, AOT_MATMUL_KERNELS, "aot_fp8_matmul")
+
+
+# ----------------------------------------------------------------------------------------------------
 # Self-checks (registry.register_self_check): SQNR in dB against the unquantized values (DESIGN.md: >= 25 for
 # casts and GEMMs), on small random inputs, for each scaling mode the case uses.
 
@@ -377,6 +510,12 @@ registry.register("fp8_matmul", "scaled_mm", cublas_scaled_mm, _check_scaled_mm,
 registry.register("fp8_matmul", "triton", triton_matmul, _check_triton, interpreter=True,
                   description="Triton FP8 GEMM, scales in the epilogue")
 registry.register("fp8_matmul", "reference", reference_scaled_mm, description="dequantize to fp32 and matmul")
+registry.register("fp8_quantize", "aot", aot_quantize, aot_check_quantize, fused=True, before="triton",
+                  description="AOT-compiled FP8 amax + cast from nanotrain._C (sm89+ cubins, no JIT)")
+registry.register("fp8_quantize_dual", "aot", aot_quantize_dual, aot_check_quantize_dual, fused=True, before="triton",
+                  description="AOT-compiled FP8 row + column amax and dual cast from nanotrain._C (no JIT)")
+registry.register("fp8_matmul", "aot", aot_matmul, aot_check_matmul, fused=True, before="triton",
+                  description="AOT-compiled Triton FP8 GEMM from nanotrain._C (sm89+ cubins, no JIT)")
 
 
 @dataclass(frozen=True)

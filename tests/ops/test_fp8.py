@@ -324,9 +324,9 @@ def test_scaled_mm_backend_conventions(rowwise):
 
 
 def test_registry_order_and_cpu_choice():
-    assert [b.name for b in registry.backends("fp8_matmul")] == ["scaled_mm", "triton", "reference"]
-    assert [b.name for b in registry.backends("fp8_quantize")] == ["triton", "reference"]
-    assert [b.name for b in registry.backends("fp8_quantize_dual")] == ["triton", "reference"]
+    assert [b.name for b in registry.backends("fp8_matmul")] == ["scaled_mm", "aot", "triton", "reference"]
+    assert [b.name for b in registry.backends("fp8_quantize")] == ["aot", "triton", "reference"]
+    assert [b.name for b in registry.backends("fp8_quantize_dual")] == ["aot", "triton", "reference"]
     if not torch.cuda.is_available():
         assert registry.select("fp8_matmul", "cpu", torch.float32).name == "reference"
         chosen, reasons = registry.explain("fp8_matmul", "cpu", torch.bfloat16, rowwise=False, aligned=True)
