@@ -413,15 +413,33 @@ def _compile_arch(arch: str, indices: list[int]) -> list[dict]:
     return [compile_entry(VARIANTS[i], arch) for i in indices]
 
 
+def compile_tasks(arches: list[str], jobs: int) -> list[tuple[str, list[int]]]:
+    """The processes of compile_all: (target, VARIANTS indices), each target's entries dealt round-robin (the costly
+    kernels spread out) to jobs // len(arches) processes, at least one per target."""
+    per_arch = max(1, jobs // max(1, len(arches)))
+    tasks = []
+    for arch in arches:
+        indices = [i for i, e in enumerate(VARIANTS) if built_for(e, arch)]
+        n = max(1, min(per_arch, len(indices)))
+        tasks += [(arch, indices[k::n]) for k in range(n)]
+    return tasks
+
+
 def compile_all(arches: list[str], jobs: int = 2) -> list[dict]:
-    """Every VARIANTS entry for every arch it is built for (min_arch), one fresh process per arch (see
-    compile_cases: a compile must not depend on what the same process compiled before for another target),
-    `jobs` at a time."""
+    """Every VARIANTS entry for every arch it is built for (min_arch), in table order per arch. The compiles run in
+    `jobs` processes at a time, each a fresh process (max_tasks_per_child=1) that compiles for ONE target (see
+    compile_cases: a compile must not depend on what the same process compiled before for another target); with
+    more jobs than targets each target's entries are dealt round-robin to jobs // len(arches) processes (a GPU
+    machine building for sm_90a alone uses all its cores)."""
+    tasks = compile_tasks(arches, jobs)
     ctx = multiprocessing.get_context("spawn")
-    with concurrent.futures.ProcessPoolExecutor(max_workers=max(1, jobs), mp_context=ctx) as pool:
-        futures = [pool.submit(_compile_arch, arch, [i for i, e in enumerate(VARIANTS) if built_for(e, arch)])
-                   for arch in arches]
-        return [row for f in futures for row in f.result()]
+    rows: dict[tuple[str, int], dict] = {}
+    with concurrent.futures.ProcessPoolExecutor(max_workers=max(1, jobs), mp_context=ctx,
+                                                max_tasks_per_child=1) as pool:
+        futures = [(arch, indices, pool.submit(_compile_arch, arch, indices)) for arch, indices in tasks]
+        for arch, indices, future in futures:
+            rows.update({(arch, i): row for i, row in zip(indices, future.result())})
+    return [rows[(arch, i)] for arch in arches for i in range(len(VARIANTS)) if (arch, i) in rows]
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -432,3 +432,14 @@ def test_aot_backend_serves_muon_after_its_self_check():
     row = registry.run_self_check(backend, "cuda", torch.float32, shape=(256, 768))
     assert row.passed, row
     assert time.perf_counter() - start < 5
+
+
+def test_the_compile_is_dealt_to_one_target_processes_that_cover_each_entry_once():
+    """MAX_JOBS processes at a time, each compiling for one target only (triton 3.6 compiles a target differently
+    after another in the same process), together every entry built for each target exactly once."""
+    for arches, jobs in ((["80", "90a"], 2), (["90a"], 16), (["80", "90a"], 1), (["80", "89", "90a"], 8)):
+        tasks = _aot().compile_tasks(arches, jobs)
+        assert len(tasks) == len(arches) * max(1, jobs // len(arches))
+        for arch in arches:
+            mine = sorted(i for a, indices in tasks if a == arch for i in indices)
+            assert mine == [i for i, e in enumerate(_aot().VARIANTS) if _aot().built_for(e, arch)]

@@ -162,6 +162,21 @@ def test_nanotrain_works_when_the_extension_was_never_built():
 
 
 @built
+def test_a_build_older_than_the_sources_is_not_used_and_says_rebuild():
+    """After a `git pull` that adds ops, the old build lacks them: it is reported stale and the pure-Python and
+    Triton paths run (before, registering the new ops' fakes raised at the first use of the extension)."""
+    out = _run("from nanotrain.ops import _ext\n"
+               "real = _ext._op_defined\n"
+               "_ext._op_defined = lambda name: name != 'aot_axpby_matmul' and real(name)\n"
+               + HIDDEN.replace("assert sys.modules.get('nanotrain._C') is None\n", ""))  # it is imported
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert lines[0] == ("absent: built from older sources (it lacks nanotrain::aot_axpby_matmul): reinstall with "
+                        "`pip install --no-build-isolation -e .`")
+    assert lines[1:] == ["reference", "[[4, 5, 6, 7, 1, 2, 3]] [True, True] 0"]
+
+
+@built
 def test_best_fit_pack_passes_opcheck():
     torch.set_num_threads(1)
     lengths = torch.randint(1, 40, (30,))

@@ -23,6 +23,7 @@ DISABLE_VAR = "NANOTRAIN_NO_EXT"
 
 _absent_reason: str | None = None
 _fakes_registered = False
+_missing_ops: list[str] = []  # ops these sources fake but the loaded build lacks (a stale build: not used)
 
 
 @functools.lru_cache(maxsize=None)
@@ -38,11 +39,23 @@ def load_extension() -> ModuleType | None:
         missing = isinstance(e, ModuleNotFoundError) and e.name == "nanotrain._C"
         _absent_reason = "not built" if missing else f"cannot load it ({e})"
         return None
-    global _fakes_registered
+    global _fakes_registered, _missing_ops
     if not _fakes_registered:  # once per process, also when a test clears the cache of load_extension
-        _register_fakes()
+        _missing_ops = _register_fakes()
         _fakes_registered = True
+    if _missing_ops:  # the sources gained ops since this build (e.g. after a git pull without a rebuild)
+        _absent_reason = (f"built from older sources (it lacks nanotrain::{', nanotrain::'.join(_missing_ops[:3])}"
+                          f"{', ...' if len(_missing_ops) > 3 else ''})")
+        return None
     return module
+
+
+def _op_defined(name: str) -> bool:
+    try:
+        getattr(torch.ops.nanotrain, name)
+    except (AttributeError, RuntimeError):
+        return False
+    return True
 
 
 def extension_status() -> str:
@@ -151,10 +164,18 @@ def has_kernel(name: str, dispatch_key: str) -> bool:
     return has_op(name) and torch._C._dispatch_has_kernel_for_dispatch_key(f"nanotrain::{name}", dispatch_key)
 
 
-def _register_fakes() -> None:
-    """Shapes and dtypes of each op's outputs without computing them (torch.compile, opcheck)."""
+def _register_fakes() -> list[str]:
+    """Shapes and dtypes of each op's outputs without computing them (torch.compile, opcheck). Returns the ops
+    these sources have a fake for but the loaded build does not define (a build older than the sources)."""
+    missing: list[str] = []
 
-    @torch.library.register_fake("nanotrain::best_fit_pack")
+    def fake(name: str):
+        if not _op_defined(name):
+            missing.append(name)
+            return lambda fn: fn
+        return torch.library.register_fake(f"nanotrain::{name}")
+
+    @fake("best_fit_pack")
     def _best_fit_pack_fake(tokens, offsets, num_rows, row_len):
         # rows: (R, row_len) with R <= num_rows known only after packing (an abandoned row ends the call).
         num_done = torch.library.get_ctx().new_dynamic_size(min=0, max=num_rows)
@@ -165,14 +186,14 @@ def _register_fakes() -> None:
 
     # The ahead-of-time Muon products write into `out` and return nothing: the fakes only check what the C++
     # kernels check about shapes (torch.compile traces them; opcheck runs them on meta tensors).
-    @torch.library.register_fake("nanotrain::aot_sym_matmul")
+    @fake("aot_sym_matmul")
     def _aot_sym_matmul_fake(P, S, out, alpha, Z, beta, gamma):
         torch._check(P.dim() == 3 and S.shape == P.shape, lambda: "aot_sym_matmul: S must have P's (B, M, K) shape")
         torch._check(out.shape == (P.shape[0], P.shape[1], P.shape[1]), lambda: "aot_sym_matmul: out must be (B, M, M)")
         torch._check(Z is None or Z.shape == out.shape, lambda: "aot_sym_matmul: Z must have out's shape")
         return None
 
-    @torch.library.register_fake("nanotrain::aot_attention_fwd")
+    @fake("aot_attention_fwd")
     def _aot_attention_fwd_fake(q, k, v, out, lse, window, scale):
         B, T, H, D = q.shape
         torch._check(out.shape == q.shape, lambda: "aot_attention_fwd: out must have q's (B, T, H, D) shape")
@@ -181,13 +202,13 @@ def _register_fakes() -> None:
                      lambda: "aot_attention_fwd: k, v must be (B, T, Hkv, D)")
         return None
 
-    @torch.library.register_fake("nanotrain::aot_attention_bwd")
+    @fake("aot_attention_bwd")
     def _aot_attention_bwd_fake(grad_out, q, k, v, out, lse, dq, dk, dv, window, scale):
         torch._check(dq.shape == q.shape and dk.shape == k.shape and dv.shape == v.shape,
                      lambda: "aot_attention_bwd: dq, dk, dv must have the shapes of q, k, v")
         return None
 
-    @torch.library.register_fake("nanotrain::aot_axpby_matmul")
+    @fake("aot_axpby_matmul")
     def _aot_axpby_matmul_fake(B, X, out, alpha):
         torch._check(X.dim() == 3 and out.shape == X.shape, lambda: "aot_axpby_matmul: out must have X's shape")
         torch._check(B.shape == (X.shape[0], X.shape[1], X.shape[1]), lambda: "aot_axpby_matmul: B must be (B, M, M)")
@@ -195,7 +216,7 @@ def _register_fakes() -> None:
 
     # The ahead-of-time FP8 casts and GEMM (csrc/fp8/aot_ops.cpp) allocate their outputs, as kernels/fp8.py's
     # quantize, quantize_rows_and_cols and matmul do: the same shapes and dtypes here.
-    @torch.library.register_fake("nanotrain::aot_fp8_quantize")
+    @fake("aot_fp8_quantize")
     def _aot_fp8_quantize_fake(x, fp8_dtype, mode, power_of_2, write_main, write_t):
         torch._check(x.dim() == 2, lambda: "aot_fp8_quantize: x must be 2-D (rows, cols)")
         torch._check(mode in (-1, 0, 1), lambda: "aot_fp8_quantize: mode must be -1, 0 or 1")
@@ -205,16 +226,17 @@ def _register_fakes() -> None:
                 x.new_empty(scale_shape, dtype=torch.float32),
                 x.new_empty((C, R) if write_t else (0,), dtype=fp8_dtype))
 
-    @torch.library.register_fake("nanotrain::aot_fp8_quantize_dual")
+    @fake("aot_fp8_quantize_dual")
     def _aot_fp8_quantize_dual_fake(x, fp8_dtype, power_of_2):
         torch._check(x.dim() == 2, lambda: "aot_fp8_quantize_dual: x must be 2-D (rows, cols)")
         R, C = x.shape
         return (x.new_empty((R, C), dtype=fp8_dtype), x.new_empty((R, 1), dtype=torch.float32),
                 x.new_empty((C, R), dtype=fp8_dtype), x.new_empty((1, C), dtype=torch.float32))
 
-    @torch.library.register_fake("nanotrain::aot_fp8_matmul")
+    @fake("aot_fp8_matmul")
     def _aot_fp8_matmul_fake(a, b, scale_a, scale_b, out_dtype, use_fast_accum):
         torch._check(a.dim() == 2 and b.dim() == 2 and a.shape[1] == b.shape[0],
                      lambda: "aot_fp8_matmul: a (M, K) and b (K, N) do not chain")
         return a.new_empty((a.shape[0], b.shape[1]), dtype=out_dtype)
 
+    return missing
