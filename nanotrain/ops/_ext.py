@@ -193,3 +193,20 @@ def _register_fakes() -> None:
         torch._check(B.shape == (X.shape[0], X.shape[1], X.shape[1]), lambda: "aot_axpby_matmul: B must be (B, M, M)")
         return None
 
+
+    @torch.library.register_fake("nanotrain::aot_attention_decode")
+    def _aot_attention_decode_fake(q, k_cache, v_cache, cache_seqlens, out, o_part, l_part, window, scale, block_m,
+                                   split_len):
+        B, Tq, H, D = q.shape
+        torch._check(k_cache.dim() == 4 and k_cache.shape[0] == B and k_cache.shape[3] == D
+                     and H % k_cache.shape[2] == 0, lambda: "aot_attention_decode: k_cache must be (B, Tmax, Hkv, D)")
+        torch._check(v_cache.shape == k_cache.shape, lambda: "aot_attention_decode: v_cache must have k_cache's shape")
+        torch._check(cache_seqlens.shape == (B,), lambda: "aot_attention_decode: cache_seqlens must be (B,)")
+        torch._check(out.shape == q.shape, lambda: "aot_attention_decode: out must have q's (B, Tq, H, D) shape")
+        torch._check((o_part is None) == (l_part is None),
+                     lambda: "aot_attention_decode: o_part and l_part go together (a split) or not at all")
+        if o_part is not None:
+            Z = o_part.shape[0]
+            torch._check(o_part.shape == (Z, B, H, Tq, D) and l_part.shape == (Z, B, H, Tq),
+                         lambda: "aot_attention_decode: o_part must be (Z, B, H, Tq, D) and l_part (Z, B, H, Tq)")
+        return None
