@@ -21,7 +21,8 @@ Launch configurations are FIXED per architecture: each kernel's autotune list's 
 architecture (what NANOTRAIN_AUTOTUNE=first picks), until a GPU has measured better ones. With the same
 config and the same Triton, the cubin computes what the JIT path's does (the JIT may specialize a call more
 narrowly, e.g. GROUPS == 1 as a constant, which changes the code but not the arithmetic), so the outputs are
-expected bit for bit equal to the Triton backend's: NOT yet verified on a GPU (tests/test_aot.py, gpu-marked).
+expected bit for bit equal to the Triton backend's: NOT yet verified on a GPU (tests/test_aot.py and
+tests/test_aot_decode.py, gpu-marked).
 A call that no row admits (an unaligned pointer, an int past 32 bits, a flag combination not compiled) is
 refused by the op with an error naming the triton backend; the backends' availability checks (dtype,
 head_dim, arch) keep training calls from getting there.
