@@ -17,13 +17,16 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import TYPE_CHECKING, Callable, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from nanotrain.ops import registry
+
+if TYPE_CHECKING:  # kernels/attention.py imports Triton: only the decode backends import it, when they run
+    from nanotrain.kernels.attention import DecodePlan
 
 
 def _check_shapes(q: Tensor, k: Tensor, v: Tensor, window: int | None) -> None:
@@ -414,7 +417,7 @@ def aot_decode_check(device: torch.device, dtype: torch.dtype, head_dim: int | N
     return None
 
 
-def aot_decode_launch(plan, q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seqlens: Tensor, out: Tensor,
+def aot_decode_launch(plan: DecodePlan, q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seqlens: Tensor, out: Tensor,
                       o_part: Tensor | None, l_part: Tensor | None, window: int | None, scale: float) -> None:
     """The `launch` of kernels/attention.py run_decode for the AOT backend: the extension's decode op with the
     plan's query tile and split length (the split count is o_part's first dimension)."""
