@@ -42,4 +42,11 @@ TORCH_LIBRARY(nanotrain, m) {
   m.def(
       "aot_fp8_matmul(Tensor a, Tensor b, Tensor scale_a, Tensor scale_b, ScalarType out_dtype, bool use_fast_accum)"
       " -> Tensor");
+  // KV-cache decode attention, one launch of the ahead-of-time compiled Triton kernel (attention/aot_ops.cpp;
+  // kernels/attention.py run_decode plans it and combines the splits): q (B, Tq, H, D) against k_cache/v_cache
+  // (B, Tmax, Hkv, D) up to cache_seqlens (B,) int32; writes out (B, Tq, H, D), or with a split the partial
+  // outputs o_part (Z, B, H, Tq, D) and their log2-sum-exp2 l_part (Z, B, H, Tq), float32.
+  m.def(
+      "aot_attention_decode(Tensor q, Tensor k_cache, Tensor v_cache, Tensor cache_seqlens, Tensor(a!) out,"
+      " Tensor(b!)? o_part, Tensor(c!)? l_part, int? window, float scale, int block_m, int split_len) -> ()");
 }

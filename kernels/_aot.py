@@ -21,7 +21,8 @@ Launch configurations are FIXED per architecture: each kernel's autotune list's 
 architecture (what NANOTRAIN_AUTOTUNE=first picks), until a GPU has measured better ones. With the same
 config and the same Triton, the cubin computes what the JIT path's does (the JIT may specialize a call more
 narrowly, e.g. GROUPS == 1 as a constant, which changes the code but not the arithmetic), so the outputs are
-expected bit for bit equal to the Triton backend's: NOT yet verified on a GPU (tests/test_aot.py, gpu-marked).
+expected bit for bit equal to the Triton backend's: NOT yet verified on a GPU (tests/test_aot.py and
+tests/test_aot_decode.py, gpu-marked).
 A call that no row admits (an unaligned pointer, an int past 32 bits, a flag combination not compiled) is
 refused by the op with an error naming the triton backend; the backends' availability checks (dtype,
 head_dim, arch) keep training calls from getting there.
@@ -53,6 +54,11 @@ The variants compiled (the training-critical ones; any other dtype or head_dim r
   configs (ptxas, measured; the unit-stride specialization the JIT would compile for such a call spills 3-6.4
   KB), the mode-2 amax's and cast's 152 and 16 bytes. Training's linears (dims multiples of 16) take the 'row'
   variants, none of which spills on sm_90a (sm_89 not measured).
+  KV-cache decode (kernels/attention.py _attention_decode_kernel, launched through run_decode: the length
+  checks, the split plan and the combine of the splits are the Python ones both backends share), bfloat16,
+  HEAD_DIM 64 and 128, SPLIT False and True, per BLOCK_M (the call's, from Tq): 16: the sampling step (TQ the
+  constant 1), the prompt (any TQ), generic; 32: generic; 64: the prompt, generic. MHA and GQA share the rows
+  (GROUPS runtime), and so does every window kind (the window is runtime).
 
 This module never imports nanotrain.
 """
@@ -116,6 +122,13 @@ def _attention_config(kind: str):
     return config
 
 
+def _decode_config(capability: tuple[int, int]) -> tuple[dict, int, int]:
+    # attention_decode's autotune list: BLOCK_N and the launch shape (its BLOCK_M is the call's, from Tq)
+    attn = _module("attention")
+    _, bn, warps, stages = attn._GPU_CONFIGS[attn.gpu_generation(capability)]["decode"][0]
+    return {"BLOCK_N": bn}, warps, stages
+
+
 def _preprocess_config(capability: tuple[int, int]) -> tuple[dict, int, int]:
     # attention_bwd launches it with BLOCK_M=64 and Triton's default launch shape (4 warps, 3 stages)
     return {"BLOCK_M": 64}, 4, 3
@@ -158,6 +171,7 @@ KERNELS = {
     "fp8_amax": ("fp8", "_fp8_amax_kernel", _fp8_amax_config),
     "fp8_cast": ("fp8", "_fp8_cast_kernel", _fp8_cast_config),
     "fp8_matmul": ("fp8", "_fp8_matmul_kernel", _fp8_matmul_config),
+    "attn_decode": ("attention", "_attention_decode_kernel", _decode_config),
 }
 
 
@@ -312,6 +326,42 @@ FP8_AMAX = sorted({(x, mode) for x, _, mode, _, _, _ in FP8_CASTS}, key=lambda k
 # self-check both): all eight, so a custom Float8Config's choice of accumulation also has a cubin.
 FP8_GEMMS = [(a, out, fast) for a in ("e4m3", "e5m2") for out in ("bf16", "fp32") for fast in (True, False)]
 
+def _decode_entry(head_dim: int, block_m: int, split: bool, layout: str) -> Entry:
+    """A decode kernel's entry (kernels/attention.py run_decode: the constexprs HEAD_DIM, BLOCK_M from Tq, SPLIT
+    from the plan): 'step' is a sampling step (TQ the constant 1, as the JIT compiles it) on the model's
+    layout (q, caches and out with D = head_dim contiguous, so every stride a multiple of 16); 'row' the same
+    layout with any TQ (prefill); 'any' the generic one. H, GROUPS (MHA or GQA alike: it only picks the kv
+    head) and the window are runtime ints in every row; SPLIT_LEN (a multiple of 128) and the TUNE_* buckets
+    are multiples of 16 in the specialized rows. Without SPLIT the partial-output pointers are `out`, as the
+    Triton launcher passes them (the code that reads them is compiled out)."""
+    fn = _kernel_fn("attn_decode")
+    part = "*fp32" if split else "*bf16"
+    pointers = {"Q": "*bf16", "KC": "*bf16", "VC": "*bf16", "SEQLENS": "*i32", "OUT": "*bf16",
+                "OPART": part, "LPART": part}
+    args: dict = {}
+    for name, is_constexpr in signature(fn):
+        if is_constexpr:
+            continue
+        if name in pointers:
+            args[name] = pointers[name]
+        elif name == "qk_scale":
+            args[name] = 1.0
+        elif name == "TQ" and layout == "step":
+            args[name] = ONE
+        elif layout == "any" or name in ("TQ", "H", "GROUPS", "window"):
+            args[name] = ANY
+        else:  # strides, SPLIT_LEN, TUNE_*
+            args[name] = DIV16
+    args.update(HEAD_DIM=head_dim, BLOCK_M=block_m, SPLIT=split)
+    return Entry("attn_decode", f"bf16 HEAD_DIM={head_dim} BLOCK_M={block_m} SPLIT={int(split)} {layout}", args)
+
+
+# The decode rows per (HEAD_DIM, SPLIT): BLOCK_M 16 serves the sampling steps (Tq = 1) and short prompts,
+# BLOCK_M 64 prompts over 32 tokens (the prefill's work grows with Tq^2), BLOCK_M 32 prompts of 17..32 tokens
+# (little work: the generic row serves them).
+_DECODE_LAYOUTS = {16: ("step", "row", "any"), 32: ("any",), 64: ("row", "any")}
+
+
 # Per kernel, the most specialized first: the launcher takes the first row that admits a call.
 VARIANTS: list[Entry] = [
     _sym_entry(False, "row"), _sym_entry(False, "col"), _sym_entry(True, "row"),
@@ -324,6 +374,9 @@ VARIANTS: list[Entry] = [
     *[_fp8_amax_entry(x, mode, layout) for x, mode in FP8_AMAX for layout in ("row", "any")],
     *[_fp8_cast_entry(*cast, layout) for cast in FP8_CASTS for layout in ("row", "any")],
     *[_fp8_matmul_entry(a, out, fast, layout) for a, out, fast in FP8_GEMMS for layout in ("row", "any")],
+    # KV-cache decode (sampling, evaluation): see _decode_entry and _DECODE_LAYOUTS
+    *[_decode_entry(head_dim, block_m, split, layout) for head_dim in (64, 128) for split in (False, True)
+      for block_m, layouts in _DECODE_LAYOUTS.items() for layout in layouts],
 ]
 
 

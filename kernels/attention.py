@@ -29,6 +29,8 @@ from __future__ import annotations
 import functools
 import math
 import os
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import triton
@@ -648,6 +650,76 @@ def combine_decode_splits(o_part: torch.Tensor, lse2_part: torch.Tensor, out: to
     return out
 
 
+@dataclass(frozen=True)
+class DecodePlan:
+    """How a decode call runs (the same for every backend that launches _attention_decode_kernel): the query tile
+    BLOCK_M, the effective window, the number of KV splits (1: no split) and the keys per split."""
+    block_m: int
+    window: int
+    splits: int
+    split_len: int
+
+
+def plan_decode(q: torch.Tensor, t_max: int, window: int | None, num_splits: int | None = None) -> DecodePlan:
+    """The plan of a decode of q (B, Tq, H, D) against a cache of t_max positions: BLOCK_M the power of 2 at or
+    above Tq within [16, 64]; the split count from decode_splits on a GPU (1 elsewhere) unless `num_splits`
+    forces one, capped so that every split keeps _SPLIT_ALIGN keys of the visible span."""
+    B, Tq, H, _ = q.shape
+    block_m = max(16, min(64, triton.next_power_of_2(Tq)))
+    w = _effective_window(window, t_max)
+    key_span = min(w + block_m + _SPLIT_ALIGN, t_max)  # an upper bound of a query block's visible keys
+    if num_splits is None:
+        on_gpu = q.device.type == "cuda" and not interpreting()
+        programs = triton.cdiv(Tq, block_m) * B * H
+        num_splits = decode_splits(programs, key_span, _sm_count(q.device)) if on_gpu else 1
+    num_splits = max(1, min(int(num_splits), triton.cdiv(key_span, _SPLIT_ALIGN)))
+    split_len = triton.cdiv(triton.cdiv(key_span, num_splits), _SPLIT_ALIGN) * _SPLIT_ALIGN
+    return DecodePlan(block_m, w, num_splits, split_len)
+
+
+# launch(plan, q, k_cache, v_cache, cache_seqlens, out, o_part, l_part, window, scale): one run of
+# _attention_decode_kernel as `plan` says; o_part/l_part are None without a split.
+DecodeLaunch = Callable[..., None]
+
+
+def run_decode(launch: DecodeLaunch, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+               cache_seqlens: torch.Tensor, window: int | None, scale: float, out: torch.Tensor | None = None,
+               num_splits: int | None = None) -> torch.Tensor:
+    """The decode flow around one kernel launch, shared by the Triton (JIT) and the ahead-of-time backends so
+    that both split and combine alike: the length checks, the plan, the split buffers, `launch`, the combine of
+    the splits. Raises ValueError for lengths that do not fit the cache (check_decode_lengths)."""
+    q, k_cache, v_cache = (_last_dim_contiguous(x) for x in (q, k_cache, v_cache))
+    B, Tq, H, D = q.shape
+    check_decode_lengths(Tq, k_cache.shape[1], cache_seqlens)
+    out = torch.empty((B, Tq, H, D), device=q.device, dtype=q.dtype) if out is None else out
+    plan = plan_decode(q, k_cache.shape[1], window, num_splits)
+    o_part = l_part = None
+    if plan.splits > 1:
+        o_part = torch.empty((plan.splits, B, H, Tq, D), device=q.device, dtype=torch.float32)
+        l_part = torch.empty((plan.splits, B, H, Tq), device=q.device, dtype=torch.float32)
+    launch(plan, q, k_cache, v_cache, cache_seqlens.contiguous(), out, o_part, l_part, window, scale)
+    if plan.splits > 1:
+        combine_decode_splits(o_part, l_part, out)
+    return out
+
+
+def _triton_decode_launch(plan: DecodePlan, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                          cache_seqlens: torch.Tensor, out: torch.Tensor, o_part: torch.Tensor | None,
+                          l_part: torch.Tensor | None, window: int | None, scale: float) -> None:
+    B, Tq, H, D = q.shape
+    Tmax, Hkv = k_cache.shape[1], k_cache.shape[2]
+    o_part = out if o_part is None else o_part  # unused without a split
+    l_part = out if l_part is None else l_part
+    _launch("decode", q.device, Tq, B * H,
+            q, k_cache, v_cache, cache_seqlens, out, o_part, l_part,
+            q.stride(0), q.stride(1), q.stride(2),
+            k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+            v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+            out.stride(0), out.stride(1), out.stride(2),
+            Tq, H, H // Hkv, plan.window, scale * LOG2E, plan.split_len, *tune_key(Tmax, window, B * H),
+            grid_z=plan.splits, HEAD_DIM=D, BLOCK_M=plan.block_m, SPLIT=plan.splits > 1)
+
+
 def attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cache_seqlens: torch.Tensor,
                      window: int | None, scale: float, out: torch.Tensor | None = None,
                      num_splits: int | None = None) -> torch.Tensor:
@@ -657,36 +729,7 @@ def attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     leave SMs idle (a batch-1 sample); `num_splits` forces a split count (tests; 1 = never split). Raises
     ValueError for lengths that do not fit the cache (check_decode_lengths).
     """
-    q, k_cache, v_cache = (_last_dim_contiguous(x) for x in (q, k_cache, v_cache))
-    B, Tq, H, D = q.shape
-    Tmax, Hkv = k_cache.shape[1], k_cache.shape[2]
-    check_decode_lengths(Tq, Tmax, cache_seqlens)
-    out = torch.empty((B, Tq, H, D), device=q.device, dtype=q.dtype) if out is None else out
-    block_m = max(16, min(64, triton.next_power_of_2(Tq)))
-    w = _effective_window(window, Tmax)
-    key_span = min(w + block_m + _SPLIT_ALIGN, Tmax)  # an upper bound of a query block's visible keys
-    if num_splits is None:
-        on_gpu = q.device.type == "cuda" and not interpreting()
-        programs = triton.cdiv(Tq, block_m) * B * H
-        num_splits = decode_splits(programs, key_span, _sm_count(q.device)) if on_gpu else 1
-    num_splits = max(1, min(int(num_splits), triton.cdiv(key_span, _SPLIT_ALIGN)))
-    split_len = triton.cdiv(triton.cdiv(key_span, num_splits), _SPLIT_ALIGN) * _SPLIT_ALIGN
-    if num_splits > 1:
-        o_part = torch.empty((num_splits, B, H, Tq, D), device=q.device, dtype=torch.float32)
-        l_part = torch.empty((num_splits, B, H, Tq), device=q.device, dtype=torch.float32)
-    else:
-        o_part = l_part = out  # unused
-    _launch("decode", q.device, Tq, B * H,
-            q, k_cache, v_cache, cache_seqlens.contiguous(), out, o_part, l_part,
-            q.stride(0), q.stride(1), q.stride(2),
-            k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-            v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-            out.stride(0), out.stride(1), out.stride(2),
-            Tq, H, H // Hkv, w, scale * LOG2E, split_len, *tune_key(Tmax, window, B * H),
-            grid_z=num_splits, HEAD_DIM=D, BLOCK_M=block_m, SPLIT=num_splits > 1)
-    if num_splits > 1:
-        combine_decode_splits(o_part, l_part, out)
-    return out
+    return run_decode(_triton_decode_launch, q, k_cache, v_cache, cache_seqlens, window, scale, out, num_splits)
 
 
 def default_scale(head_dim: int) -> float:

@@ -239,4 +239,21 @@ def _register_fakes() -> list[str]:
                      lambda: "aot_fp8_matmul: a (M, K) and b (K, N) do not chain")
         return a.new_empty((a.shape[0], b.shape[1]), dtype=out_dtype)
 
+    @fake("aot_attention_decode")
+    def _aot_attention_decode_fake(q, k_cache, v_cache, cache_seqlens, out, o_part, l_part, window, scale, block_m,
+                                   split_len):
+        B, Tq, H, D = q.shape
+        torch._check(k_cache.dim() == 4 and k_cache.shape[0] == B and k_cache.shape[3] == D
+                     and H % k_cache.shape[2] == 0, lambda: "aot_attention_decode: k_cache must be (B, Tmax, Hkv, D)")
+        torch._check(v_cache.shape == k_cache.shape, lambda: "aot_attention_decode: v_cache must have k_cache's shape")
+        torch._check(cache_seqlens.shape == (B,), lambda: "aot_attention_decode: cache_seqlens must be (B,)")
+        torch._check(out.shape == q.shape, lambda: "aot_attention_decode: out must have q's (B, Tq, H, D) shape")
+        torch._check((o_part is None) == (l_part is None),
+                     lambda: "aot_attention_decode: o_part and l_part go together (a split) or not at all")
+        if o_part is not None:
+            Z = o_part.shape[0]
+            torch._check(o_part.shape == (Z, B, H, Tq, D) and l_part.shape == (Z, B, H, Tq),
+                         lambda: "aot_attention_decode: o_part must be (Z, B, H, Tq, D) and l_part (Z, B, H, Tq)")
+        return None
+
     return missing

@@ -17,13 +17,16 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import TYPE_CHECKING, Callable, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from nanotrain.ops import registry
+
+if TYPE_CHECKING:  # kernels/attention.py imports Triton: only the decode backends import it, when they run
+    from nanotrain.kernels.attention import DecodePlan
 
 
 def _check_shapes(q: Tensor, k: Tensor, v: Tensor, window: int | None) -> None:
@@ -345,20 +348,27 @@ AOT_KERNELS = ("attn_fwd", "attn_preprocess", "attn_dkdv", "attn_dq")
 AOT_HEAD_DIMS = (64, 128)
 
 
-def aot_check(device: torch.device, dtype: torch.dtype, head_dim: int | None = None, **props) -> str | None:
-    """Why the AOT attention cannot run here (None if it can): bfloat16 only, head_dim 64 or 128, and the
-    extension's cubins for this GPU (see _ext.aot_unavailable)."""
+def _aot_unavailable(kernels: tuple[str, ...], ops: tuple[str, ...], device: torch.device, dtype: torch.dtype,
+                     head_dim: int | None) -> str | None:
+    """Why the cubins of `kernels` (launched by the extension's `ops`) cannot serve this case (None if they can):
+    bfloat16 only, head_dim 64 or 128, and the extension's cubins for this GPU (see _ext.aot_unavailable)."""
     from nanotrain.ops import _ext
 
-    device, ops = torch.device(device), ("aot_attention_fwd", "aot_attention_bwd")
-    why = _ext.aot_unavailable(AOT_KERNELS, device, ops=ops)  # the extension, the device, the arch
+    device = torch.device(device)
+    why = _ext.aot_unavailable(kernels, device, ops=ops)  # the extension, the device, the arch
     if why:
         return why
     if dtype != torch.bfloat16:
         return f"{dtype} has no ahead-of-time cubins (bfloat16 only; the next backend serves it)"
     if head_dim is not None and head_dim not in AOT_HEAD_DIMS:
         return f"head_dim {head_dim} has no ahead-of-time cubins (64 or 128; the next backend serves it)"
-    return _ext.aot_unavailable(AOT_KERNELS, device, ops=ops, HEAD_DIM=head_dim) if head_dim is not None else None
+    return _ext.aot_unavailable(kernels, device, ops=ops, HEAD_DIM=head_dim) if head_dim is not None else None
+
+
+def aot_check(device: torch.device, dtype: torch.dtype, head_dim: int | None = None, **props) -> str | None:
+    """Why the AOT attention cannot run here (None if it can): bfloat16 only, head_dim 64 or 128, and the
+    extension's cubins for this GPU (see _ext.aot_unavailable)."""
+    return _aot_unavailable(AOT_KERNELS, ("aot_attention_fwd", "aot_attention_bwd"), device, dtype, head_dim)
 
 
 def _aot_ready(x: Tensor) -> Tensor:
@@ -393,6 +403,60 @@ aot_attention = flash_attention_backend(_aot_attention_fwd, _aot_attention_bwd, 
                                         "The ahead-of-time compiled kernels of nanotrain._C")
 
 
+def aot_decode_check(device: torch.device, dtype: torch.dtype, head_dim: int | None = None, **props) -> str | None:
+    """Why the AOT decode attention cannot run here (None if it can): bfloat16 only, head_dim 64 or 128, the
+    extension's decode cubins for this GPU, and kernels/attention.py importable (its run_decode plans the split
+    and combines it, for this backend as for the Triton one; importing it needs Triton, running it does not)."""
+    why = _aot_unavailable(("attn_decode",), ("aot_attention_decode",), device, dtype, head_dim)
+    if why:
+        return why
+    try:
+        from nanotrain.kernels import attention as _  # noqa: F401
+    except Exception as e:  # an import failure is a reason to fall back, reported at startup
+        return f"kernels/attention.py (the decode plan) cannot be imported: {type(e).__name__}: {e}"
+    return None
+
+
+def aot_decode_launch(plan: DecodePlan, q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seqlens: Tensor, out: Tensor,
+                      o_part: Tensor | None, l_part: Tensor | None, window: int | None, scale: float) -> None:
+    """The `launch` of kernels/attention.py run_decode for the AOT backend: the extension's decode op with the
+    plan's query tile and split length (the split count is o_part's first dimension)."""
+    torch.ops.nanotrain.aot_attention_decode(q, k_cache, v_cache, cache_seqlens, out, o_part, l_part, window, scale,
+                                             plan.block_m, plan.split_len)
+
+
+@torch.library.custom_op("nanotrain::aot_decode_attention", mutates_args=())
+def _aot_attention_decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seqlens: Tensor,
+                          window: Optional[int], scale: float) -> Tensor:
+    """Decode/prefill attention against a KV cache from the ahead-of-time compiled decode kernel, planned,
+    split and combined by the Triton backend's Python (kernels/attention.py run_decode)."""
+    from nanotrain.kernels import attention as kernels
+
+    q, k_cache, v_cache = (_aot_ready(x) for x in (q, k_cache, v_cache))
+    seqlens = cache_seqlens.to(torch.int32).contiguous()  # the cubins take int32 lengths (the model's dtype)
+    seqlens = seqlens if seqlens.data_ptr() % 16 == 0 else seqlens.clone()
+    return kernels.run_decode(aot_decode_launch, q, k_cache, v_cache, seqlens, window, scale)
+
+
+@_aot_attention_decode.register_fake
+def _(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seqlens: Tensor, window: Optional[int],
+      scale: float) -> Tensor:
+    return q.new_empty(q.shape)
+
+
+def aot_attention_decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seqlens: Tensor,
+                         window: int | None = None, scale: float | None = None) -> Tensor:
+    """The ahead-of-time compiled decode kernel of nanotrain._C: same semantics as `reference_decode`, same bits
+    as `triton_attention_decode` (inference only, no autograd).
+
+    q: (B, Tq, H, D); k_cache/v_cache: (B, Tmax, Hkv, D); cache_seqlens: (B,) int -> (B, Tq, H, D).
+    """
+    if window is not None and window < 1:
+        raise ValueError(f"attention_decode: window must be >= 1 (or None for full causal), got {window}")
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    return _aot_attention_decode(q, k_cache, v_cache, cache_seqlens, window, scale)
+
+
 registry.register_self_check("attention", self_check, _CASES)
 registry.register_self_check("attention_decode", self_check_decode, _CASES)
 registry.register("attention", "triton", triton_attention, triton_check, interpreter=True,
@@ -403,4 +467,6 @@ registry.register("attention", "sdpa", sdpa, description="PyTorch SDPA (dense ma
 registry.register("attention", "reference", reference, description="pure-PyTorch masked softmax")
 registry.register("attention_decode", "triton", triton_attention_decode, triton_check, interpreter=True,
                   description="fused KV-cache decode attention (Triton)")
+registry.register("attention_decode", "aot", aot_attention_decode, aot_decode_check, fused=True, before="triton",
+                  description="AOT-compiled KV-cache decode from nanotrain._C (bf16, head_dim 64/128, no JIT)")
 registry.register("attention_decode", "reference", reference_decode, description="pure-PyTorch masked softmax")
