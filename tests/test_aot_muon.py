@@ -25,6 +25,7 @@ TABLE = _ext.aot_table()
 with_cubins = pytest.mark.skipif(not TABLE, reason=f"no AOT cubins: nanotrain._C is {_ext.extension_status()}")
 STEP_KERNELS = ("muon_momentum", "muon_eq_scale", "scale_cast", "sumsq_rows", "normuon_scale", "muon_apply")
 ROWS_KERNELS = ("muon_momentum", "scale_cast", "sumsq_rows", "muon_apply")
+REDUCING_KERNELS = ("muon_momentum", "muon_eq_scale", "sumsq_rows", "normuon_scale")
 
 
 def _aot():
@@ -58,7 +59,7 @@ def _served_shapes() -> set[tuple[int, int]]:
 
 
 def _jit_class(value) -> tuple[str, str, str]:
-    """(kind, hint, dtype) Triton's launcher gives an argument (kernels/_compile.py _arg_spec, the rule the AOT
+    """(kind, hint, dtype) Triton's launcher gives an argument, by kernels/_compile.py _arg_spec (the rule the AOT
     compile uses; checked against Triton's own specializer below): a pointer (dtype, address)."""
     from kernels._compile import _arg_spec
 
@@ -76,9 +77,10 @@ def test_the_jit_class_rule_is_tritons():
     from triton.backends.compiler import BaseBackend
     from triton.runtime.jit import native_specialize_impl
 
-    for v in (0, 1, 2, 12, 16, 17, 48, 72, 768, 2**31 - 16):
+    for v in (0, 1, 2, 12, 16, 17, 48, 72, 768, 2**31 - 16, 2**31 + 16, 0.5):
         kind, hint = native_specialize_impl(BaseBackend, v, False, True, True)
-        assert _jit_class(v) == (("one", "", "") if kind == "constexpr" else (kind, "div16" if hint == "D" else "", ""))
+        want = ("one", "", "") if kind == "constexpr" else (kind, "div16" if hint == "D" else "", "")
+        assert _jit_class(v) == want and ns.jit_class(v) == want  # ns's: the run-time copy (no Triton import)
 
 
 @with_cubins
@@ -145,8 +147,11 @@ def test_launches_mirror_the_kernel_signatures():
 @with_cubins
 @pytest.mark.parametrize("arch", ["80", "90a"])
 def test_every_training_launch_takes_the_jit_specialization(arch):
-    """For every stack of d4..d26 (and their self-checks), each of the 6 launches finds a row of its block whose
-    parameter classes are exactly the JIT's for that call: the embedded cubin is the one Triton would compile."""
+    """For every stack of d4..d26 (and their self-checks), each of the 6 launches finds a row of its block; for the
+    four kernels that reduce (whose order of additions follows the loads' vectorization, hence the hints) the
+    row's parameter classes are exactly the JIT's for that call: the embedded cubin is the one Triton would
+    compile. scale_cast and muon_apply compute each element alone, the same whatever the vectorization: the
+    small stacks take their generic rows, the large ones their exact rows (the JIT's vectorized loads)."""
     if arch not in {r["arch"] for r in TABLE}:
         pytest.skip(f"built without sm_{arch}")
     shapes = _served_shapes()
@@ -159,7 +164,40 @@ def test_every_training_launch_takes_the_jit_specialization(arch):
             assert all(row["constexprs"][k] == v for k, v in flags.items())
             got = [(p["kind"], p["hint"], p["dtype"]) for p in row["params"]]
             want = [_jit_class(named[p["name"]]) for p in row["params"]]
-            assert got == want, f"({m}, {n}) {kernel}: row [{row['label']}] is not the JIT's specialization"
+            if kernel in REDUCING_KERNELS or min(m, n) >= 256:
+                assert got == want, f"({m}, {n}) {kernel}: row [{row['label']}] is not the JIT's specialization"
+
+
+def _covers(a: dict, b: dict) -> bool:
+    """Whether parameter class a admits every value class b admits (the launcher's `admits`)."""
+    if a["kind"] == "ptr" or b["kind"] == "ptr":
+        return a["kind"] == b["kind"] and a["dtype"] == b["dtype"] and (not a["hint"] or bool(b["hint"]))
+    if a["kind"] == "one":
+        return b["kind"] == "one"
+    if a["kind"] == "i32" and b["kind"] in ("one", "i32"):
+        return not a["hint"] or (b["kind"] == "i32" and bool(b["hint"]))
+    return a["kind"] == b["kind"] and not a["hint"]
+
+
+def test_step_rows_are_most_specialized_first_and_all_used():
+    """Within a kernel's rows of the same blocks, no row comes after one that admits every call it admits (it
+    would never be taken); and every row is taken by some training or self-check launch, or is a generic
+    scale_cast row (orthogonalize of any shape): nothing is compiled that training does not use."""
+    aot = _aot()
+    rows = [aot.describe(e, "90a") for e in aot.MUON_STEP_VARIANTS]
+    for i, b in enumerate(rows):
+        for a in rows[:i]:
+            if a["kernel"] == b["kernel"] and a["constexprs"] == b["constexprs"]:
+                assert not all(_covers(pa, pb) for pa, pb in zip(a["params"], b["params"])), \
+                    f"{b['kernel']} [{b['label']}] comes after [{a['label']}], which admits all its calls"
+    if not TABLE:
+        return
+    used = {_row(ns.aot_row(k, "90a", flags, named)) for m, n in _served_shapes()
+            for k, flags, named in ns.aot_launches(m, n)}
+    compiled = {f"{e.kernel} [{e.label}]" for e in aot.MUON_STEP_VARIANTS}
+    generic_scale_cast = {r for r in compiled if r.startswith("scale_cast") and r.endswith(" any]")}
+    assert compiled - generic_scale_cast <= used and used <= compiled
+    assert len(compiled) == len(aot.MUON_STEP_VARIANTS) == 62
 
 
 @with_cubins
@@ -231,7 +269,11 @@ def test_the_checks_refuse_shapes_without_cubins(monkeypatch):
     why = ns.aot_update_check(cuda, torch.float32, shape=(100, 300))
     assert why == ("no cubin of muon_momentum with BLOCK_R=8, BLOCK_C=512 for (100, 300) stacks on sm_90a "
                    "(kernels/_aot.py MUON_STEP_VARIANTS lists the compiled blocks and layouts)")
-    assert "muon_eq_scale with BLOCK=32" in ns.aot_update_check(cuda, torch.float32, shape=(20, 64))
+    # m = 16: eq_scale's BLOCK 16 row takes R as a plain int (the ve_gate rows); the JIT hints 16 as a multiple
+    # of 16, vectorizing the reduction's loads: another order of additions, so the check refuses it
+    assert ns.aot_row("muon_eq_scale", "90a", {"BLOCK": 16}, ns.aot_launches(16, 64)[1][2]) >= 0
+    assert ns.aot_update_check(cuda, torch.float32, shape=(16, 64)).startswith(
+        "no cubin of muon_eq_scale with BLOCK=16 in the JIT specialization for (16, 64) stacks on sm_90a")
     assert "float32 stacks" in ns.aot_update_check(cuda, torch.bfloat16, shape=(768, 768))
     assert "2^31" in ns.aot_update_check(cuda, torch.float32, shape=(65536, 32768))
     for shape in ((100, 300), (768, 3072), (5, 3)):

@@ -494,12 +494,21 @@ def aot_launches(m: int, n: int, update: bool = True) -> list[tuple[str, dict[st
     ]
 
 
-@functools.lru_cache(maxsize=None)
-def _aot_param_names(kernel: str) -> tuple[str, ...]:
-    """The runtime parameters of `kernel` in order, from the extension's table (no Triton import at run time)."""
+_AOT_TABLE: list[dict] = []
+
+
+def _aot_table() -> list[dict]:
+    """nanotrain.ops._ext.aot_table(), parsed once (the checks look rows up by index)."""
     from nanotrain.ops import _ext
 
-    row = next((r for r in _ext.aot_table() if r["kernel"] == kernel), None)
+    if not _AOT_TABLE:
+        _AOT_TABLE.extend(_ext.aot_table())
+    return _AOT_TABLE
+
+
+def _aot_param_names(kernel: str) -> tuple[str, ...]:
+    """The runtime parameters of `kernel` in order, from the extension's table (no Triton import at run time)."""
+    row = next((r for r in _aot_table() if r["kernel"] == kernel), None)
     return () if row is None else tuple(p["name"] for p in row["params"])
 
 
@@ -514,8 +523,27 @@ def aot_row(kernel: str, arch: str, flags: dict[str, int], named: dict) -> int:
     return module.aot_select(kernel, arch, dict(flags), [named[name] for name in names])
 
 
+# The kernels of the step that reduce: their order of additions follows the loads' vectorization, which follows
+# the specialization (divisibility hints), so only a cubin of the JIT's exact specialization gives the JIT's bits.
+AOT_REDUCING_KERNELS = ("muon_momentum", "muon_eq_scale", "sumsq_rows", "normuon_scale")
+
+
+def jit_class(value) -> tuple[str, str, str]:
+    """(kind, hint, pointee dtype) Triton's launcher gives an argument, as the AOT table lists a parameter: a
+    pointer (dtype, address) is 16-byte aligned or not, an int equal to 1 the constant 1, a multiple of 16 gets
+    the divisibility hint (kernels/_compile.py _arg_spec; written out here: no Triton import at run time)."""
+    if isinstance(value, tuple):
+        return "ptr", "div16" if value[1] % 16 == 0 else "", value[0]
+    if isinstance(value, float):
+        return "fp32", "", ""
+    if value == 1:
+        return "one", "", ""
+    return ("i32" if -2**31 <= value < 2**31 else "i64"), "div16" if value % 16 == 0 else "", ""
+
+
 def _aot_refusal(device: torch.device, shape: tuple[int, int] | None, update: bool) -> str | None:
-    """Why no cubin serves one of the launches for (K, *shape) stacks on device (None if each has one)."""
+    """Why no cubin serves one of the launches for (K, *shape) stacks on device (None if each has one, in the
+    JIT's exact specialization for the kernels that reduce)."""
     from nanotrain.ops import _ext
 
     if shape is None:
@@ -525,10 +553,14 @@ def _aot_refusal(device: torch.device, shape: tuple[int, int] | None, update: bo
         return f"shape {tuple(shape)} has 2^31 elements or more (the cubins take 32-bit strides)"
     arch = _ext.device_arch(device)
     for kernel, flags, named in aot_launches(m, n, update):
-        if aot_row(kernel, arch, flags, named) < 0:
+        i = aot_row(kernel, arch, flags, named)
+        exact = i >= 0 and (kernel not in AOT_REDUCING_KERNELS or all(
+            (p["kind"], p["hint"], p["dtype"]) == jit_class(named[p["name"]]) for p in _aot_table()[i]["params"]))
+        if not exact:
             blocks = ", ".join(f"{k}={v}" for k, v in flags.items())
-            return (f"no cubin of {kernel} with {blocks} for ({m}, {n}) stacks on sm_{arch} (kernels/_aot.py "
-                    "MUON_STEP_VARIANTS lists the compiled blocks and layouts)")
+            return (f"no cubin of {kernel} with {blocks} {'' if i < 0 else 'in the JIT specialization '}for "
+                    f"({m}, {n}) stacks on sm_{arch} (kernels/_aot.py MUON_STEP_VARIANTS lists the compiled blocks "
+                    "and layouts)")
     return None
 
 
@@ -572,7 +604,7 @@ def orthogonalize_aot(G: Tensor, steps: int = 5) -> Tensor:
     m, n = G.shape[-2:]
     G3 = G.reshape(-1, m, n).float()
     inv = 1.0 / (G3.norm(dim=(-2, -1)) * NORM_SAFETY + 1e-6)  # (B,)
-    X = AotKernels.scale_cast(G3, inv, torch.empty(G3.shape, device=G.device, dtype=torch.bfloat16))
+    X = AotKernels.scale_cast(G3, inv, torch.empty(G3.shape, device=G.device, dtype=compute_dtype(G)))
     return polar_express_triton(X, steps, products=AotKernels).to(G.dtype).reshape(G.shape)
 
 
