@@ -84,7 +84,7 @@ def test_the_jit_class_rule_is_tritons():
 
 
 @with_cubins
-def test_a_cubin_per_step_variant_and_target():
+def test_a_cubin_per_step_variant_and_target(tmp_path):
     """Every MUON_STEP_VARIANTS entry for every target is embedded, an ELF for that SM; one cubin per kernel goes
     through cuobjdump (the SM and the function it holds)."""
     import nanotrain._C as C
@@ -103,14 +103,10 @@ def test_a_cubin_per_step_variant_and_target():
         assert cubin[:4] == b"\x7fELF" and len(cubin) == TABLE[i]["cubin_bytes"]
         if tool is not None and kernel not in seen:
             seen.add(kernel)
-            path = os.path.join(ROOT, "build", f"muonaot_test_{kernel}.cubin")
-            with open(path, "wb") as f:
-                f.write(cubin)
-            try:
-                listed = subprocess.run([tool, "-lelf", path], capture_output=True, text=True, check=True).stdout
-                res = subprocess.run([tool, "-res-usage", path], capture_output=True, text=True, check=True).stdout
-            finally:
-                os.remove(path)
+            path = tmp_path / f"{kernel}.cubin"
+            path.write_bytes(cubin)
+            listed = subprocess.run([tool, "-lelf", str(path)], capture_output=True, text=True, check=True).stdout
+            res = subprocess.run([tool, "-res-usage", str(path)], capture_output=True, text=True, check=True).stdout
             assert f".sm_{arch}.cubin" in listed and f"Function {TABLE[i]['function']}:" in res
 
 
