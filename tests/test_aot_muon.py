@@ -270,6 +270,10 @@ def test_the_checks_refuse_shapes_without_cubins(monkeypatch):
     assert ns.aot_row("muon_eq_scale", "90a", {"BLOCK": 16}, ns.aot_launches(16, 64)[1][2]) >= 0
     assert ns.aot_update_check(cuda, torch.float32, shape=(16, 64)).startswith(
         "no cubin of muon_eq_scale with BLOCK=16 in the JIT specialization for (16, 64) stacks on sm_90a")
+    # (768, 48) has its blocks, the (128, 8) stacks its self-check runs do not (R = 128 in a BLOCK_C 16 row)
+    assert all(ns.aot_row(k, "90a", f, a) >= 0 for k, f, a in ns.aot_launches(768, 48))
+    assert ns.aot_update_check(cuda, torch.float32, shape=(768, 48)).startswith(
+        "its self-check's (128, 8) stacks: no cubin of muon_momentum with BLOCK_R=256, BLOCK_C=16 in the JIT")
     assert "float32 stacks" in ns.aot_update_check(cuda, torch.bfloat16, shape=(768, 768))
     assert "2^31" in ns.aot_update_check(cuda, torch.float32, shape=(65536, 32768))
     for shape in ((100, 300), (768, 3072), (5, 3)):

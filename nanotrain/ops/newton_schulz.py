@@ -583,7 +583,8 @@ def aot_update_check(device: torch.device, dtype: torch.dtype, shape: tuple[int,
                      **props) -> str | None:
     """Why the AOT Muon step cannot run here (None if it can): float32 stacks only (the optimizer's master
     weights; the cubins are compiled for them), the extension's cubins, and a cubin of each launch's block for
-    (K, *shape) stacks (aot_launches); a shape whose blocks were not compiled resolves to the triton backend."""
+    (K, *shape) stacks (aot_launches) and for the small stacks of its self-check (_check_shape); a shape whose
+    blocks were not compiled resolves to the triton backend."""
     from nanotrain.ops import _ext
 
     if dtype not in AOT_STEP_DTYPES:
@@ -591,7 +592,12 @@ def aot_update_check(device: torch.device, dtype: torch.dtype, shape: tuple[int,
     device = torch.device(device)
     ops = ("aot_sym_matmul", "aot_axpby_matmul", "aot_muon_momentum", "aot_muon_eq_scale", "aot_scale_cast",
            "aot_sumsq_rows", "aot_normuon_scale", "aot_muon_apply")
-    return _ext.aot_unavailable(AOT_STEP_KERNELS, device, ops=ops) or _aot_refusal(device, shape, update=True)
+    why = _ext.aot_unavailable(AOT_STEP_KERNELS, device, ops=ops) or _aot_refusal(device, shape, update=True)
+    if why is None and shape is not None:
+        small = _check_shape(tuple(shape))
+        why = _aot_refusal(device, small, update=True)
+        return None if why is None else f"its self-check's {small} stacks: {why}"
+    return why
 
 
 @torch.library.custom_op("nanotrain::aot_muon", mutates_args=())
