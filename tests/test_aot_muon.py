@@ -408,11 +408,11 @@ def _gpu_has_cubins() -> None:
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("kmn", [(48, 768, 768), (12, 3072, 768), (12, 768, 3072), (6, 6, 12), (13, 13, 12),
-                                 (3, 8, 8), (4, 1024, 256), (2, 1664, 6656)])
+                                 (3, 8, 8), (2, 1664, 6656)])
 def test_aot_muon_update_equals_triton_bit_for_bit(kmn, monkeypatch):
     """Two steps of the AOT Muon step against the Triton step (NANOTRAIN_AUTOTUNE=first: the products' first
     configs, which the cubins hold): params, momentum buffer, second momentum and the consumed grads, bit for bit.
-    The d12 stacks, the ve_gate stacks, the self-checks' (8, 8), a d4 and a d26 MLP stack."""
+    The d12 stacks, the ve_gate stacks (wide and tall), the self-checks' (8, 8) and a d26 MLP stack."""
     _gpu_has_cubins()
     monkeypatch.setenv("NANOTRAIN_AUTOTUNE", "first")
     from kernels import newton_schulz as nsk
@@ -439,8 +439,8 @@ def test_aot_muon_update_equals_triton_bit_for_bit(kmn, monkeypatch):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("shape", [(768, 3072), (3072, 768), (100, 300)])
+@pytest.mark.parametrize("shape,dtype", [((768, 3072), torch.float32), ((3072, 768), torch.bfloat16),
+                                         ((100, 300), torch.float16), ((6, 12), torch.float32)])
 def test_aot_orthogonalize_equals_triton_bit_for_bit(shape, dtype, monkeypatch):
     """The AOT scale-and-cast (from G's float32 copy) and products against orthogonalize_triton (G's dtype)."""
     _gpu_has_cubins()
@@ -462,7 +462,7 @@ def test_aot_step_op_refuses_an_uncompiled_block_clearly():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("shape", [(768, 768), (3072, 768), (768, 3072), (6, 12)])
+@pytest.mark.parametrize("shape", [(768, 3072), (6, 12)])
 def test_registry_resolves_the_aot_step_after_its_self_check(shape):
     _gpu_has_cubins()
     registry.clear_cache()
