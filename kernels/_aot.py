@@ -15,7 +15,8 @@ Specialization: Triton's JIT compiles a kernel per call *class*: an int equal to
 (dropped from the parameters), a multiple of 16 gets a divisibility hint, pointers are 16-byte aligned. A
 cubin compiled for a class serves exactly the calls of that class or of a narrower one; the launcher
 (csrc/aot/launcher.cpp) takes the first row of the table whose classes admit the call, so each kernel's list
-ends with a generic row (every int a plain i32) that serves any call whose ints fit in 32 bits.
+ends with a generic row (every int a plain i32) that serves any call whose ints fit in 32 bits (the Muon
+step's kernels excepted: see below).
 
 Launch configurations are FIXED per architecture: each kernel's autotune list's first entry for that
 architecture (what NANOTRAIN_AUTOTUNE=first picks), until a GPU has measured better ones. With the same
