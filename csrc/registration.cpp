@@ -49,4 +49,17 @@ TORCH_LIBRARY(nanotrain, m) {
   m.def(
       "aot_attention_decode(Tensor q, Tensor k_cache, Tensor v_cache, Tensor cache_seqlens, Tensor(a!) out,"
       " Tensor(b!)? o_part, Tensor(c!)? l_part, int? window, float scale, int block_m, int split_len) -> ()");
+  // The Muon step's elementwise and reduction stages from the ahead-of-time compiled Triton kernels
+  // (muon/aot_ops.cpp; the Python twins are kernels/newton_schulz.py muon_momentum ... muon_apply): float32
+  // stacks (K, R, C), (K, R) float32 vectors, the bfloat16 iterate; each writes into its mutated arguments.
+  m.def("aot_muon_momentum(Tensor(a!) grads, Tensor(b!) momentum_buffer, Tensor(c!) rsq, float momentum) -> ()");
+  m.def("aot_muon_eq_scale(Tensor rsq, Tensor(a!) f, float norm_safety) -> ()");
+  m.def("aot_scale_cast(Tensor x, Tensor f, Tensor(a!) out) -> ()");
+  m.def("aot_sumsq_rows(Tensor x, Tensor(a!) out, ScalarType round_to) -> ()");
+  m.def(
+      "aot_normuon_scale(Tensor q, Tensor(a!) second_momentum, Tensor(b!) f, float red_size, float target_norm,"
+      " float beta2) -> ()");
+  m.def(
+      "aot_muon_apply(Tensor o, Tensor f, bool f_per_row, Tensor(a!) params, float lr, float weight_decay)"
+      " -> ()");
 }

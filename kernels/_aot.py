@@ -15,7 +15,8 @@ Specialization: Triton's JIT compiles a kernel per call *class*: an int equal to
 (dropped from the parameters), a multiple of 16 gets a divisibility hint, pointers are 16-byte aligned. A
 cubin compiled for a class serves exactly the calls of that class or of a narrower one; the launcher
 (csrc/aot/launcher.cpp) takes the first row of the table whose classes admit the call, so each kernel's list
-ends with a generic row (every int a plain i32) that serves any call whose ints fit in 32 bits.
+ends with a generic row (every int a plain i32) that serves any call whose ints fit in 32 bits (the Muon
+step's kernels excepted: see below).
 
 Launch configurations are FIXED per architecture: each kernel's autotune list's first entry for that
 architecture (what NANOTRAIN_AUTOTUNE=first picks), until a GPU has measured better ones. With the same
@@ -59,6 +60,12 @@ The variants compiled (the training-critical ones; any other dtype or head_dim r
   HEAD_DIM 64 and 128, SPLIT False and True, per BLOCK_M (the call's, from Tq): 16: the sampling step (TQ the
   constant 1), the prompt (any TQ), generic; 32: generic; 64: the prompt, generic. MHA and GQA share the rows
   (GROUPS runtime), and so does every window kind (the window is runtime).
+  Muon step (kernels/newton_schulz.py: momentum, eq_scale, scale_cast, sumsq_rows, normuon_scale, apply; see
+  MUON_STEP_VARIANTS), float32 parameters/gradients/buffers and the bfloat16 iterate. The launchers derive block
+  sizes from the shape, so the blocks are constexpr flags the op matches (csrc/muon/aot_ops.cpp), one cubin per
+  block the d4..d26 stacks and their self-checks need, in the JIT's exact specialization of those calls (the
+  reductions' order depends on it). scale_cast also has a generic row for every BLOCK_C from 16 to 1024 (any
+  orthogonalize shape). A muon_update shape whose blocks have no cubin is refused by the aot backend's check.
 
 This module never imports nanotrain.
 """
@@ -92,6 +99,7 @@ class Entry:
     label: str
     args: dict = field(hash=False)
     min_arch: tuple[int, int] = (0, 0)
+    num_warps: int = 0  # 0: the config table's; else this entry's (a launcher that derives warps from a block size)
 
 
 def _module(name: str):
@@ -158,6 +166,11 @@ def _fp8_matmul_config(capability: tuple[int, int], args: dict) -> tuple[dict, i
     # sm89); NANOTRAIN_AUTOTUNE=first keeps the first entry, which depends on FAST_ACCUM on Hopper
     c = _module("fp8").gpu_configs(capability, bool(args["FAST_ACCUM"]))[0]
     return dict(c.kwargs), c.num_warps, c.num_stages
+def _muon_step_config(capability: tuple[int, int]) -> tuple[dict, int, int]:
+    # The Muon step's launchers (kernels/newton_schulz.py _rows_cfg, muon_eq_scale, normuon_scale) derive the block
+    # sizes from the shape, the same on every architecture: each entry carries its blocks (flags the op matches)
+    # and warps; 4 warps and Triton's default 3 stages otherwise.
+    return {}, 4, 3
 
 
 # kernel name -> (module in kernels/, function attribute, config of a capability -> (constexprs, warps, stages))
@@ -172,6 +185,13 @@ KERNELS = {
     "fp8_cast": ("fp8", "_fp8_cast_kernel", _fp8_cast_config),
     "fp8_matmul": ("fp8", "_fp8_matmul_kernel", _fp8_matmul_config),
     "attn_decode": ("attention", "_attention_decode_kernel", _decode_config),
+    # the Muon step around the iteration: block sizes and warps are per entry (see _muon_step_config)
+    "muon_momentum": ("newton_schulz", "_muon_momentum_kernel", _muon_step_config),
+    "muon_eq_scale": ("newton_schulz", "_muon_eq_scale_kernel", _muon_step_config),
+    "scale_cast": ("newton_schulz", "_scale_cast_kernel", _muon_step_config),
+    "sumsq_rows": ("newton_schulz", "_sumsq_rows_kernel", _muon_step_config),
+    "normuon_scale": ("newton_schulz", "_normuon_scale_kernel", _muon_step_config),
+    "muon_apply": ("newton_schulz", "_muon_apply_kernel", _muon_step_config),
 }
 
 
@@ -360,6 +380,114 @@ def _decode_entry(head_dim: int, block_m: int, split: bool, layout: str) -> Entr
 # BLOCK_M 64 prompts over 32 tokens (the prefill's work grows with Tq^2), BLOCK_M 32 prompts of 17..32 tokens
 # (little work: the generic row serves them).
 _DECODE_LAYOUTS = {16: ("step", "row", "any"), 32: ("any",), 64: ("row", "any")}
+# ---------------------------------------------------------------------------------------------------------------
+# The Muon step (kernels/newton_schulz.py: momentum, eq_scale, scale_cast, sumsq_rows, normuon_scale, apply) on
+# float32 stacks (K, m, n) (the optimizer's master weights, gradients and buffers; the iterate bfloat16).
+# The launchers derive the blocks from the shape: the row-tiled kernels BLOCK_C = min(1024, next_pow2(max(C, 16)))
+# with BLOCK_R = 4096 // BLOCK_C and 4 warps; eq_scale and normuon_scale BLOCK = min(4096, next_pow2(R or L)) with
+# _vector_warps(BLOCK) warps. A cubin is compiled for each block the d4..d26 stacks and their self-checks need, in
+# the exact specialization the JIT gives those calls (the reductions' order follows the loads' vectorization,
+# which follows the divisibility hints: bit-for-bit equality with the JIT needs the same hints).
+# "row": ints multiples of 16 and a unit column stride (a contiguous (K, m, n) stack with m, n multiples of 16);
+# "col": its transposed view; "small"/"smallcol": the same with plain ints (the (n_head, 12) ve_gate stacks and
+# the (8, 8) self-check); "16": with a batch stride multiple of 16; "any": every int plain (elementwise kernels
+# only, whose result does not depend on the vectorization).
+# ---------------------------------------------------------------------------------------------------------------
+_OPERAND = {"row": (DIV16, DIV16, ONE), "col": (DIV16, ONE, DIV16), "small": (ANY, ANY, ONE),
+            "small16": (DIV16, ANY, ONE), "smallcol": (ANY, ONE, ANY), "smallcol16": (DIV16, ONE, ANY),
+            "any": (ANY, ANY, ANY)}
+
+
+def _operand(layout: str, *names: str) -> dict:
+    """Example strides (batch, row, column) of a (K, R, C) operand in `layout` (see _OPERAND)."""
+    return dict(zip(names, _OPERAND[layout]))
+
+
+def _rows_blocks(block_c: int) -> dict:
+    return {"BLOCK_R": max(1, 4096 // block_c), "BLOCK_C": block_c}
+
+
+def _size(layout: str) -> int:
+    return DIV16 if layout in ("row", "col") else ANY
+
+
+def _momentum_entry(layout: str, block_c: int) -> Entry:
+    args = {"G_ptr": "*fp32", "MB_ptr": "*fp32", "RSQ_ptr": "*fp32", "R": _size(layout), "C": _size(layout),
+            **_operand(layout, "stride_gb", "stride_gr", "stride_gc"),
+            **_operand(layout, "stride_mb", "stride_mr", "stride_mc"), "momentum": 0.95, **_rows_blocks(block_c)}
+    return Entry("muon_momentum", f"fp32 BLOCK_C={block_c} {layout}", args)
+
+
+def _scale_cast_entry(layout: str, block_c: int) -> Entry:
+    """'row': muon_update's call (per-row factors F (K, R)); 'any': any call (orthogonalize's per-matrix factor)."""
+    f = {"stride_fb": DIV16, "stride_fr": ONE} if layout == "row" else {"stride_fb": ANY, "stride_fr": ANY}
+    args = {"X_ptr": "*fp32", "F_ptr": "*fp32", "Y_ptr": "*bf16", "R": _size(layout), "C": _size(layout),
+            **_operand(layout, "stride_xb", "stride_xr", "stride_xc"), **f,
+            **_operand(layout, "stride_yb", "stride_yr", "stride_yc"), **_rows_blocks(block_c)}
+    return Entry("scale_cast", f"fp32->bf16 BLOCK_C={block_c} {layout}", args)
+
+
+def _sumsq_entry(layout: str, block_c: int) -> Entry:
+    """The iterate (bf16) rounded to the parameters' dtype (fp32); 'col' layouts: a wide stack's column sums."""
+    import triton.language as tl
+
+    args = {"X_ptr": "*bf16", "OUT_ptr": "*fp32", "R": _size(layout), "C": _size(layout),
+            **_operand(layout, "stride_xb", "stride_xr", "stride_xc"), "ROUND_TO": tl.float32,
+            **_rows_blocks(block_c)}
+    return Entry("sumsq_rows", f"bf16 ROUND_TO=fp32 BLOCK_C={block_c} {layout}", args)
+
+
+def _apply_entry(layout: str, block_c: int) -> Entry:
+    """'row': factors per row (stride_fc 0), 'col': per column (stride_fr 0) of a contiguous stack; 'any'."""
+    if layout == "any":
+        f = {"stride_fb": ANY, "stride_fr": ANY, "stride_fc": ANY}
+    else:
+        f = {"stride_fb": DIV16, "stride_fr": ONE if layout == "row" else DIV16,
+             "stride_fc": DIV16 if layout == "row" else ONE}
+    operand = "any" if layout == "any" else "row"
+    args = {"O_ptr": "*bf16", "F_ptr": "*fp32", "P_ptr": "*fp32", "R": _size(operand), "C": _size(operand),
+            **_operand(operand, "stride_ob", "stride_or", "stride_oc"), **f,
+            **_operand(operand, "stride_pb", "stride_pr", "stride_pc"), "lr": 0.02, "lr_wd": 0.004,
+            **_rows_blocks(block_c)}
+    return Entry("muon_apply", f"bf16,fp32 BLOCK_C={block_c} {'per-row' if layout == 'row' else layout}", args)
+
+
+def _eq_scale_entry(block: int) -> Entry:
+    """R (the rows) a multiple of 16 from BLOCK 32 up, a plain int below (the ve_gate stacks' n_head rows)."""
+    r = DIV16 if block >= 32 else ANY
+    args = {"RSQ_ptr": "*fp32", "F_ptr": "*fp32", "R": r, "norm_safety": 1.01, "BLOCK": block}
+    return Entry("muon_eq_scale", f"fp32 BLOCK={block} {'row' if r == DIV16 else 'small'}", args,
+                 num_warps=_ns()._vector_warps(block))
+
+
+def _normuon_entry(block: int) -> Entry:
+    """L (the neurons) a multiple of 16 from BLOCK 32 up, plain below; second_momentum a (K, L) view (unit stride)."""
+    n = DIV16 if block >= 32 else ANY
+    args = {"Q_ptr": "*fp32", "SM_ptr": "*fp32", "F_ptr": "*fp32", "L": n, "red_size": 768.0, "target_norm": 27.7,
+            "beta2": 0.95, "stride_smb": n, "stride_sml": ONE, "BLOCK": block}
+    return Entry("normuon_scale", f"fp32 BLOCK={block} {'row' if n == DIV16 else 'small'}", args,
+                 num_warps=_ns()._vector_warps(block))
+
+
+# The blocks: d4..d26 stacks are (K, d, d), (K, d, 4d), (K, 4d, d) with d = 256..1664 (multiples of 128) and
+# (K, n_head, 12) with n_head = 2..13 (ve_gate); the self-checks run (128, 128), (128, 32), (32, 128), (8, 8) for
+# those and (64, 64) for check_all's square case. tests/test_aot_muon.py derives every call of every model shape
+# and checks it finds a row of its exact specialization.
+_MUON_ROW_BLOCKS = (32, 64, 128, 256, 512, 1024)  # BLOCK_C for C a multiple of 16 (row layout)
+MUON_STEP_VARIANTS: list[Entry] = [
+    *[_momentum_entry("row", bc) for bc in _MUON_ROW_BLOCKS],
+    _momentum_entry("small16", 16), _momentum_entry("small", 16),
+    *[_eq_scale_entry(b) for b in (2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)],
+    *[e for bc in (16, 32, 64, 128, 256, 512, 1024)
+      for e in ([_scale_cast_entry("row", bc)] if bc >= 256 else []) + [_scale_cast_entry("any", bc)]],
+    *[_sumsq_entry("row", bc) for bc in _MUON_ROW_BLOCKS],
+    *[_sumsq_entry("col", bc) for bc in (32, 256, 512, 1024)],
+    *[_sumsq_entry(layout, 16) for layout in ("small16", "small", "smallcol16", "smallcol")],
+    *[_normuon_entry(b) for b in (8, 16, 64, 128, 256, 512, 1024, 2048, 4096)],
+    *[_apply_entry("row", bc) for bc in _MUON_ROW_BLOCKS],
+    *[_apply_entry("col", bc) for bc in (128, 1024)],
+    _apply_entry("any", 16),
+]
 
 
 # Per kernel, the most specialized first: the launcher takes the first row that admits a call.
@@ -377,6 +505,7 @@ VARIANTS: list[Entry] = [
     # KV-cache decode (sampling, evaluation): see _decode_entry and _DECODE_LAYOUTS
     *[_decode_entry(head_dim, block_m, split, layout) for head_dim in (64, 128) for split in (False, True)
       for block_m, layouts in _DECODE_LAYOUTS.items() for layout in layouts],
+    *MUON_STEP_VARIANTS,
 ]
 
 
@@ -415,6 +544,7 @@ def describe(entry: Entry, arch: str) -> dict:
         raise ValueError(f"{entry.kernel} [{entry.label}] needs sm_{entry.min_arch[0]}{entry.min_arch[1]}+, "
                          f"not sm_{arch}")
     config, warps, stages = _config(entry.kernel, capability_of(arch), entry.args)
+    warps = entry.num_warps or warps
     params, constexprs = [], {}
     for name, is_constexpr in signature(fn):
         if is_constexpr:

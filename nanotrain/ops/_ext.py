@@ -256,4 +256,49 @@ def _register_fakes() -> list[str]:
                          lambda: "aot_attention_decode: o_part must be (Z, B, H, Tq, D) and l_part (Z, B, H, Tq)")
         return None
 
+    # The ahead-of-time Muon step stages (csrc/muon/aot_ops.cpp) write into their mutated arguments: the fakes check
+    # the shapes the C++ ops check.
+    def _stack_vectors(name, t, K, n):
+        torch._check(t.dim() == 2 and t.shape[0] == K and t.shape[1] == n, lambda: f"{name} must be ({K}, {n})")
+
+    @fake("aot_muon_momentum")
+    def _aot_muon_momentum_fake(grads, momentum_buffer, rsq, momentum):
+        torch._check(grads.dim() == 3 and momentum_buffer.shape == grads.shape,
+                     lambda: "aot_muon_momentum: momentum_buffer must have grads' (K, R, C) shape")
+        _stack_vectors("aot_muon_momentum: rsq", rsq, grads.shape[0], grads.shape[1])
+        return None
+
+    @fake("aot_muon_eq_scale")
+    def _aot_muon_eq_scale_fake(rsq, f, norm_safety):
+        torch._check(rsq.dim() == 2, lambda: "aot_muon_eq_scale: rsq must be (K, R)")
+        _stack_vectors("aot_muon_eq_scale: f", f, rsq.shape[0], rsq.shape[1])
+        return None
+
+    @fake("aot_scale_cast")
+    def _aot_scale_cast_fake(x, f, out):
+        torch._check(x.dim() == 3 and out.shape == x.shape, lambda: "aot_scale_cast: out must have x's shape")
+        torch._check(tuple(f.shape) in ((x.shape[0], x.shape[1]), (x.shape[0],)),
+                     lambda: "aot_scale_cast: f must be (K, R) or (K,)")
+        return None
+
+    @fake("aot_sumsq_rows")
+    def _aot_sumsq_rows_fake(x, out, round_to):
+        torch._check(x.dim() == 3, lambda: "aot_sumsq_rows: x must be (K, R, C)")
+        _stack_vectors("aot_sumsq_rows: out", out, x.shape[0], x.shape[1])
+        return None
+
+    @fake("aot_normuon_scale")
+    def _aot_normuon_scale_fake(q, second_momentum, f, red_size, target_norm, beta2):
+        torch._check(q.dim() == 2, lambda: "aot_normuon_scale: q must be (K, L)")
+        _stack_vectors("aot_normuon_scale: second_momentum", second_momentum, q.shape[0], q.shape[1])
+        _stack_vectors("aot_normuon_scale: f", f, q.shape[0], q.shape[1])
+        return None
+
+    @fake("aot_muon_apply")
+    def _aot_muon_apply_fake(o, f, f_per_row, params, lr, weight_decay):
+        torch._check(params.dim() == 3 and o.shape == params.shape, lambda: "aot_muon_apply: o must have params' shape")
+        K, R, C = params.shape
+        _stack_vectors("aot_muon_apply: f", f, K, R if f_per_row else C)
+        return None
+
     return missing

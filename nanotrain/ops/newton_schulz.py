@@ -8,10 +8,12 @@ X = G / (1.01 ||G||_F) so that every singular value is below 1, apply odd quinti
 with per-step coefficients chosen to push all singular values towards 1 as fast as possible.
 The output's singular values land in a band around 1 (not exactly 1): that is the intended result.
 
-Backends: fused kernels where available (each a `nanotrain::` custom op: triton_muon, triton_muon_update),
-then `reference` (plain PyTorch, in the input's dtype). `self_check` and `self_check_update` beside the
-references verify a fused backend on the device before it serves a shape. The optimizer resolves its
-`muon_update` once, when it is built (`resolve_update`); `orthogonalize` and `muon_update` resolve per call.
+Backends: fused kernels where available (each a `nanotrain::` custom op: aot_muon, aot_muon_update from the
+extension's ahead-of-time cubins; triton_muon, triton_muon_update JIT; both run the same kernels through one
+orchestration, `muon_step` and `polar_express_triton`, with a different kernels namespace), then `reference`
+(plain PyTorch, in the input's dtype). `self_check` and `self_check_update` beside the references verify a
+fused backend on the device before it serves a shape. The optimizer resolves its `muon_update` once, when it
+is built (`resolve_update`); `orthogonalize` and `muon_update` resolve per call.
 """
 from __future__ import annotations
 
@@ -328,32 +330,47 @@ def _(G: Tensor, steps: int = 5) -> Tensor:
     return torch.empty_like(G)
 
 
-@torch.library.custom_op("nanotrain::triton_muon_update",
-                         mutates_args=("grads", "params", "momentum_buffer", "second_momentum"))
-def muon_update_triton(grads: Tensor, params: Tensor, momentum_buffer: Tensor, second_momentum: Tensor,
-                       momentum: float, lr: float, weight_decay: float, beta2: float, steps: int = 5) -> None:
-    """muon_update_reference with Triton kernels: 7 launches around the 3-per-step iteration.
+def _check_stacks(params: Tensor, steps: int) -> None:
+    if params.dim() != 3:
+        raise ValueError(f"muon_update wants stacks (K, m, n), got params of shape {tuple(params.shape)}")
+    _check_steps(params, steps)
+
+
+def muon_step(kernels, grads: Tensor, params: Tensor, momentum_buffer: Tensor, second_momentum: Tensor,
+              momentum: float, lr: float, weight_decay: float, beta2: float, steps: int = 5) -> None:
+    """The fused Muon step (muon_update_reference's math) as 7 launches around the 3-per-step iteration, with the
+    launchers of `kernels`: kernels/newton_schulz.py (the Triton JIT backend) or AotKernels (the extension's
+    ahead-of-time cubins of the same kernels, launched with the same blocks and grids: the same bits).
 
     grads, params, momentum_buffer: (K, m, n); second_momentum: (K, m, 1) if m >= n else (K, 1, n).
     Launches: momentum + row norms; equilibration/normalization factors; scale and cast to the compute
     dtype; the iteration; per-neuron sums of squares; norm snap + variance reduction factors (updates
     second_momentum); the cautious update of params.
     """
+    B, m, n = params.shape
+    rsq = kernels.muon_momentum(grads, momentum_buffer, momentum)                 # (B, m)
+    f = kernels.muon_eq_scale(rsq, NORM_SAFETY)                                   # (B, m)
+    X = kernels.scale_cast(grads, f, torch.empty(B, m, n, device=grads.device, dtype=compute_dtype(grads)))
+    ortho = polar_express_triton(X, steps, products=kernels)                      # (B, m, n)
+    per_row = m >= n  # the reference's red_dim = -1: one second moment per row
+    q = kernels.sumsq_rows(ortho if per_row else ortho.mT, params.dtype)          # (B, L)
+    sm = second_momentum.squeeze(-1) if per_row else second_momentum.squeeze(-2)  # (B, L) view
+    F = kernels.normuon_scale(q, sm, n if per_row else m, min(m, n) ** 0.5, beta2)  # (B, L)
+    kernels.muon_apply(ortho, F, per_row, params, lr, weight_decay)
+
+
+@torch.library.custom_op("nanotrain::triton_muon_update",
+                         mutates_args=("grads", "params", "momentum_buffer", "second_momentum"))
+def muon_update_triton(grads: Tensor, params: Tensor, momentum_buffer: Tensor, second_momentum: Tensor,
+                       momentum: float, lr: float, weight_decay: float, beta2: float, steps: int = 5) -> None:
+    """muon_update_reference with the Triton kernels (JIT): muon_step with kernels/newton_schulz.py's launchers.
+
+    grads, params, momentum_buffer: (K, m, n); second_momentum: (K, m, 1) if m >= n else (K, 1, n).
+    """
     from nanotrain.kernels import newton_schulz as nsk
 
-    if params.dim() != 3:
-        raise ValueError(f"muon_update wants stacks (K, m, n), got params of shape {tuple(params.shape)}")
-    _check_steps(params, steps)
-    B, m, n = params.shape
-    rsq = nsk.muon_momentum(grads, momentum_buffer, momentum)                   # (B, m)
-    f = nsk.muon_eq_scale(rsq, NORM_SAFETY)                                     # (B, m)
-    X = nsk.scale_cast(grads, f, torch.empty(B, m, n, device=grads.device, dtype=compute_dtype(grads)))
-    ortho = polar_express_triton(X, steps)                                      # (B, m, n)
-    per_row = m >= n  # the reference's red_dim = -1: one second moment per row
-    q = nsk.sumsq_rows(ortho if per_row else ortho.mT, params.dtype)                 # (B, L)
-    sm = second_momentum.squeeze(-1) if per_row else second_momentum.squeeze(-2)  # (B, L) view
-    F = nsk.normuon_scale(q, sm, n if per_row else m, min(m, n) ** 0.5, beta2)  # (B, L)
-    nsk.muon_apply(ortho, F, per_row, params, lr, weight_decay)
+    _check_stacks(params, steps)
+    muon_step(nsk, grads, params, momentum_buffer, second_momentum, momentum, lr, weight_decay, beta2, steps)
 
 
 @muon_update_triton.register_fake
@@ -363,10 +380,14 @@ def _(grads: Tensor, params: Tensor, momentum_buffer: Tensor, second_momentum: T
 
 
 # ---------------------------------------------------------------------------------------------------
-# AOT backend: the same iteration with the products from the cubins nanotrain._C embeds (kernels/_aot.py lists
-# the variants; csrc/muon/aot_ops.cpp launches them). No Triton, no compile, no autotune at run time.
+# AOT backend: the same kernels, compiled ahead of time into nanotrain._C (kernels/_aot.py lists the variants;
+# csrc/muon/aot_ops.cpp launches them with the Triton launchers' blocks and grids), run through the same
+# orchestration (muon_step, polar_express_triton). No Triton, no compile, no autotune at run time.
 # ---------------------------------------------------------------------------------------------------
-AOT_KERNELS = ("sym_matmul", "axpby_matmul")
+AOT_KERNELS = ("sym_matmul", "axpby_matmul", "scale_cast")
+AOT_STEP_KERNELS = ("sym_matmul", "axpby_matmul", "muon_momentum", "muon_eq_scale", "scale_cast", "sumsq_rows",
+                    "normuon_scale", "muon_apply")
+AOT_STEP_DTYPES = (torch.float32,)  # the optimizer's master weights: the dtype the step's cubins are compiled for
 
 
 class AotProducts:
@@ -386,29 +407,211 @@ class AotProducts:
         return out
 
 
+class AotKernels(AotProducts):
+    """Every launcher muon_step needs, with the call signatures of kernels/newton_schulz.py's (muon_momentum,
+    muon_eq_scale, scale_cast, sumsq_rows, normuon_scale, muon_apply and the products), served by the extension's
+    torch.ops.nanotrain.aot_* ops. Outputs are allocated here as the Triton launchers allocate them."""
+
+    @staticmethod
+    def muon_momentum(grads: Tensor, momentum_buffer: Tensor, momentum: float) -> Tensor:
+        K, R, _ = grads.shape
+        rsq = torch.empty(K, R, device=grads.device, dtype=torch.float32)
+        torch.ops.nanotrain.aot_muon_momentum(grads, momentum_buffer, rsq, float(momentum))
+        return rsq
+
+    @staticmethod
+    def muon_eq_scale(rsq: Tensor, norm_safety: float) -> Tensor:
+        f = torch.empty_like(rsq)
+        torch.ops.nanotrain.aot_muon_eq_scale(rsq, f, float(norm_safety))
+        return f
+
+    @staticmethod
+    def scale_cast(x: Tensor, f: Tensor, out: Tensor) -> Tensor:
+        torch.ops.nanotrain.aot_scale_cast(x, f, out)
+        return out
+
+    @staticmethod
+    def sumsq_rows(x: Tensor, round_to: torch.dtype) -> Tensor:
+        out = torch.empty(x.shape[0], x.shape[1], device=x.device, dtype=torch.float32)
+        torch.ops.nanotrain.aot_sumsq_rows(x, out, round_to)
+        return out
+
+    @staticmethod
+    def normuon_scale(q: Tensor, second_momentum: Tensor, red_size: int, target_norm: float, beta2: float) -> Tensor:
+        f = torch.empty_like(q)
+        torch.ops.nanotrain.aot_normuon_scale(q, second_momentum, f, float(red_size), float(target_norm), float(beta2))
+        return f
+
+    @staticmethod
+    def muon_apply(o: Tensor, f: Tensor, f_per_row: bool, params: Tensor, lr: float, weight_decay: float) -> None:
+        torch.ops.nanotrain.aot_muon_apply(o, f, bool(f_per_row), params, float(lr), float(weight_decay))
+
+
+def _rows_blocks(C: int) -> dict[str, int]:
+    """The GPU blocks of kernels/newton_schulz.py _rows_cfg (what csrc/muon/aot_ops.cpp passes as flags)."""
+    block_c = min(1024, 1 << (max(C, 16) - 1).bit_length())
+    return {"BLOCK_R": max(1, 4096 // block_c), "BLOCK_C": block_c}
+
+
+def _vector_block(n: int) -> dict[str, int]:
+    return {"BLOCK": min(4096, 1 << (n - 1).bit_length())}
+
+
+def aot_launches(m: int, n: int, update: bool = True) -> list[tuple[str, dict[str, int], dict]]:
+    """The launches of the Muon step's elementwise kernels for (K, m, n) stacks as the AOT ops make them
+    (csrc/muon/aot_ops.cpp; the products' calls are served by their generic rows): (kernel, flags, arguments by
+    name), a pointer as (dtype, a 16-byte aligned address) as fresh torch allocations are, the stacks contiguous
+    (the optimizer's), second_momentum (K, m, 1) or (K, 1, n). update=False: orthogonalize's one launch, the
+    float32 copy of G scaled per matrix. Used by the availability check (is there a cubin for each?) and the tests."""
+    addr = 1 << 12
+    fp32, bf16 = ("fp32", addr), ("bf16", addr)
+    mn = m * n
+    if not update:
+        return [("scale_cast", _rows_blocks(n), {"X_ptr": fp32, "F_ptr": fp32, "Y_ptr": bf16, "R": m, "C": n,
+                                                 "stride_xb": mn, "stride_xr": n, "stride_xc": 1, "stride_fb": 1,
+                                                 "stride_fr": 0, "stride_yb": mn, "stride_yr": n, "stride_yc": 1})]
+    per_row = m >= n
+    L = m if per_row else n
+    rows, cols, (xr, xc) = (m, n, (n, 1)) if per_row else (n, m, (1, n))  # sumsq_rows on ortho or ortho.mT
+    return [
+        ("muon_momentum", _rows_blocks(n), {"G_ptr": fp32, "MB_ptr": fp32, "RSQ_ptr": fp32, "R": m, "C": n,
+                                            "stride_gb": mn, "stride_gr": n, "stride_gc": 1, "stride_mb": mn,
+                                            "stride_mr": n, "stride_mc": 1, "momentum": 0.95}),
+        ("muon_eq_scale", _vector_block(m), {"RSQ_ptr": fp32, "F_ptr": fp32, "R": m, "norm_safety": NORM_SAFETY}),
+        ("scale_cast", _rows_blocks(n), {"X_ptr": fp32, "F_ptr": fp32, "Y_ptr": bf16, "R": m, "C": n,
+                                         "stride_xb": mn, "stride_xr": n, "stride_xc": 1, "stride_fb": m,
+                                         "stride_fr": 1, "stride_yb": mn, "stride_yr": n, "stride_yc": 1}),
+        ("sumsq_rows", _rows_blocks(cols), {"X_ptr": bf16, "OUT_ptr": fp32, "R": rows, "C": cols, "stride_xb": mn,
+                                            "stride_xr": xr, "stride_xc": xc}),
+        ("normuon_scale", _vector_block(L), {"Q_ptr": fp32, "SM_ptr": fp32, "F_ptr": fp32, "L": L,
+                                             "red_size": float(n if per_row else m),
+                                             "target_norm": min(m, n) ** 0.5, "beta2": 0.95, "stride_smb": L,
+                                             "stride_sml": 1}),
+        ("muon_apply", _rows_blocks(n), {"O_ptr": bf16, "F_ptr": fp32, "P_ptr": fp32, "R": m, "C": n,
+                                         "stride_ob": mn, "stride_or": n, "stride_oc": 1, "stride_fb": L,
+                                         "stride_fr": 1 if per_row else 0, "stride_fc": 0 if per_row else 1,
+                                         "stride_pb": mn, "stride_pr": n, "stride_pc": 1, "lr": 0.02, "lr_wd": 4e-3}),
+    ]
+
+
+_AOT_TABLE: list[dict] = []
+
+
+def _aot_table() -> list[dict]:
+    """nanotrain.ops._ext.aot_table(), parsed once (the checks look rows up by index)."""
+    from nanotrain.ops import _ext
+
+    if not _AOT_TABLE:
+        _AOT_TABLE.extend(_ext.aot_table())
+    return _AOT_TABLE
+
+
+def _aot_param_names(kernel: str) -> tuple[str, ...]:
+    """The runtime parameters of `kernel` in order, from the extension's table (no Triton import at run time)."""
+    row = next((r for r in _aot_table() if r["kernel"] == kernel), None)
+    return () if row is None else tuple(p["name"] for p in row["params"])
+
+
+def aot_row(kernel: str, arch: str, flags: dict[str, int], named: dict) -> int:
+    """The index in nanotrain.ops._ext.aot_table() of the cubin the launcher takes for this call (-1: none)."""
+    from nanotrain.ops import _ext
+
+    names = _aot_param_names(kernel)
+    module = _ext.load_extension()
+    if not names or module is None:
+        return -1
+    return module.aot_select(kernel, arch, dict(flags), [named[name] for name in names])
+
+
+# The kernels of the step that reduce: their order of additions follows the loads' vectorization, which follows
+# the specialization (divisibility hints), so only a cubin of the JIT's exact specialization gives the JIT's bits.
+AOT_REDUCING_KERNELS = ("muon_momentum", "muon_eq_scale", "sumsq_rows", "normuon_scale")
+
+
+def jit_class(value) -> tuple[str, str, str]:
+    """(kind, hint, pointee dtype) Triton's launcher gives an argument, as the AOT table lists a parameter: a
+    pointer (dtype, address) is 16-byte aligned or not, an int equal to 1 the constant 1, a multiple of 16 gets
+    the divisibility hint (kernels/_compile.py _arg_spec; written out here: no Triton import at run time)."""
+    if isinstance(value, tuple):
+        return "ptr", "div16" if value[1] % 16 == 0 else "", value[0]
+    if isinstance(value, float):
+        return "fp32", "", ""
+    if value == 1:
+        return "one", "", ""
+    return ("i32" if -2**31 <= value < 2**31 else "i64"), "div16" if value % 16 == 0 else "", ""
+
+
+def _aot_refusal(device: torch.device, shape: tuple[int, int] | None, update: bool) -> str | None:
+    """Why no cubin serves one of the launches for (K, *shape) stacks on device (None if each has one, in the
+    JIT's exact specialization for the kernels that reduce)."""
+    from nanotrain.ops import _ext
+
+    if shape is None:
+        return None
+    m, n = shape
+    if m * n >= 2**31:
+        return f"shape {tuple(shape)} has 2^31 elements or more (the cubins take 32-bit strides)"
+    arch = _ext.device_arch(device)
+    for kernel, flags, named in aot_launches(m, n, update):
+        i = aot_row(kernel, arch, flags, named)
+        exact = i >= 0 and (kernel not in AOT_REDUCING_KERNELS or all(
+            (p["kind"], p["hint"], p["dtype"]) == jit_class(named[p["name"]]) for p in _aot_table()[i]["params"]))
+        if not exact:
+            blocks = ", ".join(f"{k}={v}" for k, v in flags.items())
+            return (f"no cubin of {kernel} with {blocks} {'' if i < 0 else 'in the JIT specialization '}for "
+                    f"({m}, {n}) stacks on sm_{arch} (kernels/_aot.py MUON_STEP_VARIANTS lists the compiled blocks "
+                    "and layouts)")
+    return None
+
+
 def aot_check(device: torch.device, dtype: torch.dtype, shape: tuple[int, int] | None = None, **props) -> str | None:
-    """Why the AOT backend cannot run here (None if it can): the extension's cubins (see _ext.aot_unavailable),
-    the input dtype, and int32 strides (the compiled variants take 32-bit ints: m * n < 2^31)."""
+    """Why the AOT orthogonalization cannot run here (None if it can): the extension's cubins (see
+    _ext.aot_unavailable), the input dtype (any of TRITON_DTYPES: G is scaled from its float32 copy), a cubin for
+    the scale-and-cast of this shape, and int32 strides (m * n < 2^31)."""
     from nanotrain.ops import _ext
 
     if dtype not in TRITON_DTYPES:
         return f"dtype {dtype} unsupported (float32, float16 or bfloat16)"
     if shape is not None and shape[0] * shape[1] >= 2**31:
         return f"shape {tuple(shape)} has 2^31 elements or more (the cubins take 32-bit strides)"
-    return _ext.aot_unavailable(AOT_KERNELS, torch.device(device))
+    device = torch.device(device)
+    return (_ext.aot_unavailable(AOT_KERNELS, device, ops=tuple(f"aot_{k}" for k in AOT_KERNELS))
+            or _aot_refusal(device, shape, update=False))
+
+
+def aot_update_check(device: torch.device, dtype: torch.dtype, shape: tuple[int, int] | None = None,
+                     **props) -> str | None:
+    """Why the AOT Muon step cannot run here (None if it can): float32 stacks only (the optimizer's master
+    weights; the cubins are compiled for them), the extension's cubins, and a cubin of each launch's block for
+    (K, *shape) stacks (aot_launches) and for the small stacks of its self-check (_check_shape); a shape whose
+    blocks were not compiled resolves to the triton backend."""
+    from nanotrain.ops import _ext
+
+    if dtype not in AOT_STEP_DTYPES:
+        return f"dtype {dtype} unsupported by the ahead-of-time Muon step (float32 stacks; triton serves others)"
+    device = torch.device(device)
+    ops = ("aot_sym_matmul", "aot_axpby_matmul", "aot_muon_momentum", "aot_muon_eq_scale", "aot_scale_cast",
+           "aot_sumsq_rows", "aot_normuon_scale", "aot_muon_apply")
+    why = _ext.aot_unavailable(AOT_STEP_KERNELS, device, ops=ops) or _aot_refusal(device, shape, update=True)
+    if why is None and shape is not None:
+        small = _check_shape(tuple(shape))
+        why = _aot_refusal(device, small, update=True)
+        return None if why is None else f"its self-check's {small} stacks: {why}"
+    return why
 
 
 @torch.library.custom_op("nanotrain::aot_muon", mutates_args=())
 def orthogonalize_aot(G: Tensor, steps: int = 5) -> Tensor:
-    """Polar Express orthogonalization with the ahead-of-time compiled products; G (..., m, n) -> same shape and
+    """Polar Express orthogonalization with the ahead-of-time compiled kernels; G (..., m, n) -> same shape and
     dtype. Computes in bfloat16 (float32 accumulation), as the Triton backend on the GPU, with the same launch
-    configs: the same result bit for bit (the scale-and-cast is the same float32 product, rounded once)."""
+    configs: the same result bit for bit (the scale-and-cast reads G's float32 copy, which holds G's values
+    exactly, where the Triton kernel converts each loaded value to float32: the same products, rounded once)."""
     _check_steps(G, steps)
     m, n = G.shape[-2:]
-    G3 = G.reshape(-1, m, n)
-    inv = 1.0 / (G3.float().norm(dim=(-2, -1)) * NORM_SAFETY + 1e-6)  # (B,)
-    X = (G3.float() * inv[:, None, None]).to(torch.bfloat16)
-    return polar_express_triton(X, steps, products=AotProducts).to(G.dtype).reshape(G.shape)
+    G3 = G.reshape(-1, m, n).float()
+    inv = 1.0 / (G3.norm(dim=(-2, -1)) * NORM_SAFETY + 1e-6)  # (B,)
+    X = AotKernels.scale_cast(G3, inv, torch.empty(G3.shape, device=G.device, dtype=compute_dtype(G)))
+    return polar_express_triton(X, steps, products=AotKernels).to(G.dtype).reshape(G.shape)
 
 
 @orthogonalize_aot.register_fake
@@ -416,13 +619,21 @@ def _(G: Tensor, steps: int = 5) -> Tensor:
     return torch.empty_like(G)
 
 
-@torch.no_grad()
+@torch.library.custom_op("nanotrain::aot_muon_update",
+                         mutates_args=("grads", "params", "momentum_buffer", "second_momentum"))
 def muon_update_aot(grads: Tensor, params: Tensor, momentum_buffer: Tensor, second_momentum: Tensor,
                     momentum: float, lr: float, weight_decay: float, beta2: float, steps: int = 5) -> None:
-    """The Muon step with the AOT orthogonalization: PyTorch ops around it (muon_update_reference; the fused
-    elementwise Muon kernels are not compiled ahead of time yet), so no Triton runs on this path."""
-    muon_update_reference(grads, params, momentum_buffer, second_momentum, momentum, lr, weight_decay, beta2,
-                          steps, ortho=orthogonalize_aot)
+    """The fused Muon step from the ahead-of-time cubins: muon_step with AotKernels, the launches of
+    muon_update_triton with the same blocks and grids (the same bits as the Triton backend on the GPU). float32
+    stacks whose blocks were compiled (aot_update_check)."""
+    _check_stacks(params, steps)
+    muon_step(AotKernels, grads, params, momentum_buffer, second_momentum, momentum, lr, weight_decay, beta2, steps)
+
+
+@muon_update_aot.register_fake
+def _(grads: Tensor, params: Tensor, momentum_buffer: Tensor, second_momentum: Tensor, momentum: float,
+      lr: float, weight_decay: float, beta2: float, steps: int = 5) -> None:
+    return None
 
 
 _CASES = [{"shape": (64, 64)}, {"shape": (256, 64)}, {"shape": (64, 256)}]
@@ -435,8 +646,8 @@ registry.register("muon_update", "triton", muon_update_triton, check=triton_chec
                   description="Triton fused Muon step")
 registry.register("muon", "aot", orthogonalize_aot, check=aot_check, fused=True, before="triton",
                   description="AOT-compiled Triton products from nanotrain._C (bf16, no JIT)")
-registry.register("muon_update", "aot", muon_update_aot, check=aot_check, fused=True, before="triton",
-                  description="PyTorch Muon step around the AOT-compiled orthogonalization")
+registry.register("muon_update", "aot", muon_update_aot, check=aot_update_check, fused=True, before="triton",
+                  description="AOT-compiled fused Muon step from nanotrain._C (fp32 stacks, no JIT)")
 registry.register("muon", "reference", reference, description="pure-PyTorch Polar Express")
 registry.register("muon_update", "reference", torch.no_grad()(muon_update_reference),
                   description="PyTorch ops around orthogonalize()")
