@@ -13,7 +13,7 @@ folder it was built in.
   extension is absent (nanotrain.ops._ext.extension_status() tells why at run time).
 Environment knobs: NANOTRAIN_NO_EXT=1 (skip the extension), NANOTRAIN_NO_CUDA=1 (C++ only),
 NANOTRAIN_CUDA_ARCHES="80;90a" (which archs, default both; also the AOT kernels' targets), MAX_JOBS (parallel
-compile jobs, default 2; also the AOT compile's processes, one per arch).
+compile jobs, default 2; also the AOT compile's processes, each for one arch).
 """
 from __future__ import annotations
 
@@ -107,7 +107,8 @@ def extension_modules() -> tuple[list, dict]:
     lists = read_sources()
     sources = list(lists.get("NANOTRAIN_CPP_SOURCES", []))
     macros = [("NANOTRAIN_TORCH_VERSION", f'"{torch.__version__}"')]
-    cxx = ["-O3"]
+    # -g0: no debug info (Python's CFLAGS carry -g; for the embedded cubins' byte arrays it doubled the library)
+    cxx = ["-O3", "-g0"]
     nvcc: list[str] = []
     include_dirs = [os.path.join(ROOT, "csrc")]
     cuda_sources = lists.get("NANOTRAIN_CUDA_SOURCES", [])

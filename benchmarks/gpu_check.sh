@@ -9,10 +9,12 @@
 #                         kernel self-checks (`nanotrain --kernels --check`, tolerated where absent) | graph: graph
 #                         breaks of a compiled d12 forward | bench: first timings against the peers (SDPA flash,
 #                         FlexAttention at window 1025, torch._scaled_mm, the compiled Muon reference), one config
-#   call2 (budget 290 s)  build: the C++/CUDA extension and its ahead-of-time kernels (nvcc, sm_90a) | ext-tests:
-#                         its gpu tests (the AOT kernels bit for bit against Triton, first-call time) | train:
-#                         30 steps of d12 for tokens/s and MFU | bench: full autotune timings (rows kept as they come)
-# 1.5 (start) + 5.5 + 4.8 = 11.8 minutes, leaving 3 to rerun a stage (`gpu_check.sh call2 train`).
+#   call2 (budget 300 s)  build: the C++/CUDA extension and its ahead-of-time kernels (nvcc, sm_90a, the compile
+#                         dealt to MAX_JOBS processes) | ext-tests: its gpu tests (tests/test_aot*.py: the AOT
+#                         kernels of attention, decode, Muon and FP8 bit for bit against Triton, first-call time) |
+#                         train: 30 steps of d12 for tokens/s and MFU | bench: full autotune timings in what is left
+#                         of the budget (rows kept as they come)
+# 1.5 (start) + 5.5 + 5 = 12 minutes, leaving 3 to rerun a stage (`gpu_check.sh call2 train`).
 #
 # Before the calls, HERE (no GPU needed; the device has no internet and no rustbpe):
 #   benchmarks/gpu_check.sh prepare        # .whl/ (rustbpe cp312 wheel) + .gpu_carry/base (corpus + tokenizer)
@@ -44,8 +46,8 @@ cd "$(dirname "$0")/.."
 # Stage limits are estimates (no stage has run on a GPU yet): torch.compile of the peers and of the model
 # dominates bench and train. Limits are capped by what is left of the call's budget.
 declare -A STAGES=([call1]="setup tests checks graph bench" [call2]="build ext-tests train bench")
-declare -A LIMITS=([setup]=30 [tests]=110 [checks]=30 [graph]=30 [bench]=120 [build]=110 [ext-tests]=60 [train]=80)
-declare -A BUDGETS=([call1]=330 [call2]=290)
+declare -A LIMITS=([setup]=30 [tests]=110 [checks]=30 [graph]=30 [bench]=120 [build]=90 [ext-tests]=130 [train]=75)
+declare -A BUDGETS=([call1]=330 [call2]=300)
 KERNEL_TESTS="tests/ops/test_attention.py tests/ops/test_fp8.py tests/ops/test_newton_schulz.py"
 CARRY=.gpu_carry
 
@@ -214,7 +216,9 @@ stage_build() {
 }
 
 stage_ext_tests() {
-  "$PY" -m pytest -q -p no:cacheprovider -m gpu tests/test_extension.py tests/test_aot.py tests/ops/test_packing.py -rs
+  # the AOT kernels of the three families against the Triton path's, which must run the same first configs
+  NANOTRAIN_AUTOTUNE=first "$PY" -m pytest -q -p no:cacheprovider -m gpu tests/test_extension.py tests/test_aot*.py \
+    tests/ops/test_packing.py -rs
   local rc=$?
   if [ "$rc" = 5 ]; then  # pytest: no test collected
     echo "0 passed; skipped: no gpu-marked extension test was collected"; return 0
