@@ -8,7 +8,10 @@
 # extension (from a copy of the working tree), and runs there:
 #   interp   the interpreter tests of the three kernel families (TRITON_INTERPRET=1, not slow, not gpu);
 #   aot      the slow-marked ahead-of-time compiles of every kernel for sm_90a / sm_80 (kernels/_compile.py),
-#            which go through triton 3.6's real compiler and ptxas: the API differences show up here.
+#            which go through triton 3.6's real compiler and ptxas: the API differences show up here;
+#   build    the GPU plan's build stage as the device runs it (call2): the extension against torch 2.11's headers
+#            with nvcc, its ahead-of-time kernels compiled by triton 3.6 for sm_90a (kernels/_aot.py, every
+#            VARIANTS entry), then the table read back from the built library. Needs nvcc; minutes.
 # The first run downloads torch (a CUDA build, several GB) and takes minutes; later runs reuse the venv.
 #
 #   benchmarks/gpu_rehearsal.sh             # venv (once) + both stages
@@ -21,7 +24,7 @@ cd "$(dirname "$0")/.."
 DIR=${REHEARSAL_DIR:-.rehearsal}
 TORCH_VERSION=${TORCH_VERSION:-2.11.0}
 TRITON_VERSION=${TRITON_VERSION:-3.6.0}
-STAGES=${*:-interp aot}
+STAGES=${*:-interp aot build}
 FILES="tests/ops/test_attention.py tests/ops/test_newton_schulz.py tests/ops/test_fp8.py"
 case $DIR in /*) ;; *) DIR=$PWD/$DIR ;; esac
 PY=$DIR/bin/python
@@ -80,14 +83,31 @@ for stage in $STAGES; do
   case $stage in
     interp) marks="not slow and not gpu" ;;
     aot) marks="slow" ;;
-    *) echo "gpu-rehearsal: unknown stage '$stage' (interp, aot)" >&2; exit 2 ;;
+    build) marks="" ;;
+    *) echo "gpu-rehearsal: unknown stage '$stage' (interp, aot, build)" >&2; exit 2 ;;
   esac
   t0=$(date +%s)
-  # shellcheck disable=SC2086
-  (cd "$SRC" && "$PY" -m pytest -q -p no:cacheprovider -m "$marks" ${PYTEST_ARGS:-} $FILES) 2>&1 | tee "$DIR/$stage.log"
-  rc=${PIPESTATUS[0]}
+  if [ "$stage" = build ]; then
+    # as benchmarks/gpu_check.sh stage_build on the device (sm_90a only), then the cubins the library embeds
+    (cd "$SRC" && NANOTRAIN_CUDA_ARCHES=90a MAX_JOBS=${MAX_JOBS:-2} "$PY" -m pip install --no-build-isolation --no-deps \
+      -e . 2>&1 | grep -E "nanotrain setup|AOT kernels|error|Error"
+     "$PY" -c "
+import sys, kernels._aot as aot
+from nanotrain.ops import _ext
+status, table = _ext.extension_status(), _ext.aot_table()
+print('extension:', status)
+want = len(aot.entries_for('90a'))
+print(f'{len(table)} cubins embedded for sm_90a, {want} VARIANTS entries built for it')
+sys.exit(not (status.startswith('built with CUDA') and len(table) == want))") 2>&1 | tee "$DIR/$stage.log"
+    rc=${PIPESTATUS[0]}
+  else
+    # shellcheck disable=SC2086
+    (cd "$SRC" && "$PY" -m pytest -q -p no:cacheprovider -m "$marks" ${PYTEST_ARGS:-} $FILES) 2>&1 | tee "$DIR/$stage.log"
+    rc=${PIPESTATUS[0]}
+  fi
   [ "$rc" = 0 ] || status=1
-  counts=$(grep -E '^=* ?[0-9]+ (passed|failed|error|skipped|deselected)' "$DIR/$stage.log" | tail -1 | tr -d '=' | xargs)
+  counts=$(grep -E '^=* ?[0-9]+ (passed|failed|error|skipped|deselected)|cubins embedded' "$DIR/$stage.log" | tail -1 \
+    | tr -d '=' | xargs)
   echo "$stage | rc=$rc | $(( $(date +%s) - t0 )) s | ${counts:-no pytest summary}" >>"$RESULT"
 done
 echo
