@@ -328,6 +328,16 @@ def describe_device(rt: Runtime, mon: Monitor) -> float | None:
 
 
 CPU_COMPILE_MIN_STEPS = 200
+# torch 2.11 (the lent GPU's image) compiles a Float8Linear whose backward then gives zero gradients to every
+# parameter before it (found by gpu-rehearsal in tests/ops/test_fp8.py test_custom_ops_opcheck_and_compile; the
+# autograd.Function alone reproduces it, with backend="eager" too); 2.14.1 computes them exactly.
+FP8_COMPILE_MIN_TORCH = (2, 14)
+
+
+def torch_release() -> tuple[int, int]:
+    """(major, minor) of the running torch."""
+    major, minor = torch.__version__.split("+")[0].split(".")[:2]
+    return int(major), int(minor)
 
 
 def compile_decision(cfg: TrainConfig, device: torch.device, num_iterations: int) -> tuple[bool, str | None]:
@@ -336,7 +346,13 @@ def compile_decision(cfg: TrainConfig, device: torch.device, num_iterations: int
     Always worth it on CUDA, where inductor needs Triton and a C compiler (Triton builds its launchers with
     one). On CPU (d4, measured): 1.26x faster steps for ~20 s of compilation, so auto turns it on for runs of
     CPU_COMPILE_MIN_STEPS steps or more where a C++ compiler (which inductor needs there) is installed. Never
-    on MPS."""
+    on MPS. Never for FP8 on a torch older than FP8_COMPILE_MIN_TORCH (see there)."""
+    if cfg.fp8 and torch_release() < FP8_COMPILE_MIN_TORCH and cfg.compile != "off":
+        why = (f"torch {torch.__version__}'s torch.compile drops the gradients of the FP8 layers (measured on "
+               f"torch 2.11; correct on 2.14.1, the project's pin)")
+        if cfg.compile == "on":
+            raise UserError(f"--fp8 with --compile=on: {why}; install torch==2.14.1 or pass --compile=off")
+        return False, f"torch.compile: off (--compile=auto with --fp8: {why})"
     if cfg.compile != "auto":
         return cfg.compile == "on", None
     if device.type == "cuda":

@@ -13,6 +13,7 @@ import torch
 
 from nanotrain import checkpoint, train
 from nanotrain.config import parse_args
+from nanotrain.errors import UserError
 
 TINY = ["--device-type=cpu", "--depth=2", "--aspect-ratio=32", "--head-dim=32", "--max-seq-len=64",
         "--device-batch-size=4", "--total-batch-size=512", "--window-pattern=SL", "--core-metric-every=-1",
@@ -195,6 +196,19 @@ def test_compile_choice_per_device(monkeypatch):
     assert not train.use_compile(cfg, cpu, 10**6)  # inductor needs a C++ compiler on CPU
     assert not train.use_compile(parse_args(["--compile=off"]), cuda, 10)
     assert train.use_compile(parse_args(["--compile=on"]), cpu, 1)
+
+
+def test_fp8_is_not_compiled_on_a_torch_whose_compile_drops_its_gradients(monkeypatch):
+    fp8 = parse_args(["--fp8"])
+    cuda = torch.device("cuda")
+    assert train.use_compile(fp8, cuda, 10)  # the pinned torch (2.14.1) compiles FP8 correctly
+    monkeypatch.setattr(torch, "__version__", "2.11.0+cu130")
+    on, why = train.compile_decision(fp8, cuda, 10)
+    assert not on and why.startswith("torch.compile: off (--compile=auto with --fp8: torch 2.11.0+cu130's")
+    with pytest.raises(UserError, match="install torch==2.14.1 or pass --compile=off"):
+        train.compile_decision(parse_args(["--fp8", "--compile=on"]), cuda, 10)
+    assert train.compile_decision(parse_args(["--fp8", "--compile=off"]), cuda, 10) == (False, None)
+    assert train.use_compile(parse_args([]), cuda, 10)  # without FP8 it compiles
 
 
 def test_nanotrain_eval_reads_a_checkpoint_the_trainer_wrote(tiny_base_dir, capsys):

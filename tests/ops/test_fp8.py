@@ -412,6 +412,9 @@ def test_float8_linear_autocast_bf16(recipe):
     assert sqnr(x.grad, gx) >= SQNR_LINEAR_GRAD and sqnr(lin.weight.grad, f8.weight.grad) >= SQNR_LINEAR_GRAD
 
 
+@pytest.mark.xfail(tuple(int(v) for v in torch.__version__.split("+")[0].split(".")[:2]) < (2, 14), strict=True,
+                   reason="torch 2.11's torch.compile drops the gradients through Float8Linear's autograd.Function "
+                          "(the trainer refuses --fp8 with compile there: train.FP8_COMPILE_MIN_TORCH)")
 def test_custom_ops_opcheck_and_compile():
     x = torch.randn(32, 48)
     torch.library.opcheck(torch.ops.nanotrain.triton_fp8_quantize, (x, E4M3, 1, True, True, True))
