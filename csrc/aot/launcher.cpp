@@ -171,6 +171,14 @@ const Variant* find(const char* kernel, const std::string& arch, const Constexpr
   return nullptr;
 }
 
+const Variant& require(const char* kernel, const std::string& arch, std::initializer_list<Constexpr> flags,
+                       const Value* values, int num_values, const char* triton_override, const char* what) {
+  const Variant* v = find(kernel, arch, flags, values, num_values);
+  TORCH_CHECK(v != nullptr, "nanotrain: no ahead-of-time cubin serves ", describe_call(kernel, arch, flags),
+              " for this call's ", what, "; the triton backend serves it (NANOTRAIN_KERNELS=", triton_override, ")");
+  return *v;
+}
+
 int64_t constexpr_of(const Variant& v, const char* name) {
   for (int i = 0; i < v.num_constexprs; ++i) {
     if (std::strcmp(v.constexprs[i].name, name) == 0) return v.constexprs[i].value;

@@ -87,6 +87,15 @@ inline const Variant* find(const char* kernel, const std::string& arch, std::ini
   return find(kernel, arch, flags.begin(), static_cast<int>(flags.size()), values, num_values);
 }
 
+// `find`'s row, or a TORCH_CHECK failure naming the call and how to send it to the Triton backend instead
+// (`triton_override`, e.g. "attention=triton", for NANOTRAIN_KERNELS); `what` names the call's properties a row
+// did not admit.
+const Variant& require(const char* kernel, const std::string& arch, std::initializer_list<Constexpr> flags,
+                       const Value* values, int num_values, const char* triton_override,
+                       const char* what = "dtype, strides or alignment");
+
+inline int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
 // The value of constexpr `name` in row `v` (e.g. BLOCK_M, for the grid); TORCH_CHECK fails if absent.
 int64_t constexpr_of(const Variant& v, const char* name);
 

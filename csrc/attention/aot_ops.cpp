@@ -62,7 +62,7 @@ int64_t check_qkv(const Tensor& q, const Tensor& k, const Tensor& v) {
   return hkv;
 }
 
-int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
+using aot::cdiv;
 
 // kernels/attention.py _bucket and tune_key: the autotuner's buckets, unused by the math but kernel arguments.
 int64_t bucket(int64_t n) {
@@ -77,14 +77,10 @@ int64_t effective_window(std::optional<int64_t> window, int64_t T) {
   return !window.has_value() || *window >= T ? T : *window;
 }
 
-// `op` is the registry op whose triton backend the error message names.
+// The row serving a call, or an error naming the call (`triton_override`: how NANOTRAIN_KERNELS sends it to Triton).
 const aot::Variant& pick(const char* kernel, const std::string& arch, std::initializer_list<aot::Constexpr> flags,
-                         const aot::Value* values, size_t n, const char* op = "attention") {
-  const aot::Variant* v = aot::find(kernel, arch, flags, values, static_cast<int>(n));
-  TORCH_CHECK(v != nullptr, "nanotrain: no ahead-of-time cubin serves ", aot::describe_call(kernel, arch, flags),
-              " for this call's dtype, strides or alignment; the triton backend serves it "
-              "(NANOTRAIN_KERNELS=", op, "=triton)");
-  return *v;
+                         const aot::Value* values, size_t n, const char* triton_override = "attention=triton") {
+  return aot::require(kernel, arch, flags, values, static_cast<int>(n), triton_override);
 }
 
 uint32_t u32(int64_t x) { return static_cast<uint32_t>(x); }
@@ -226,7 +222,7 @@ void aot_attention_decode(const Tensor& q, const Tensor& k_cache, const Tensor& 
   const auto values = aot::values(a);
   const std::string arch = aot::device_arch(device);
   const aot::Variant& v = pick(aot::kAttnDecodeKernel, arch, {{"HEAD_DIM", D}, {"BLOCK_M", block_m}, {"SPLIT", split}},
-                               values.data(), values.size(), "attention_decode");
+                               values.data(), values.size(), "attention_decode=triton");
   TORCH_CHECK(!split || split_len % aot::constexpr_of(v, "BLOCK_N") == 0, who, "split_len ", split_len,
               " must be a multiple of the kernel's BLOCK_N ", aot::constexpr_of(v, "BLOCK_N"));
   aot::launch(v, device, c10::cuda::getCurrentCUDAStream(device).stream(),

@@ -37,13 +37,11 @@ Format format_of(at::ScalarType t, const char* arg) {
   TORCH_CHECK(false, "nanotrain.aot_fp8: ", arg, " must be torch.float8_e4m3fn or torch.float8_e5m2, got ", t);
 }
 
-[[noreturn]] void no_cubin(const char* kernel, const std::string& arch, std::initializer_list<aot::Constexpr> f) {
-  TORCH_CHECK(false, "nanotrain: no ahead-of-time cubin serves ", aot::describe_call(kernel, arch, f),
-              " for this call's dtypes, strides or alignment; the triton backend serves it "
-              "(NANOTRAIN_KERNELS=fp8_quantize=triton,fp8_quantize_dual=triton,fp8_matmul=triton)");
-}
-
-int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
+// The error of a call no cubin serves: what NANOTRAIN_KERNELS takes to send the FP8 ops to the Triton backend, and
+// what of the call the rows did not admit.
+constexpr const char* kTritonOverride = "fp8_quantize=triton,fp8_quantize_dual=triton,fp8_matmul=triton";
+constexpr const char* kUnserved = "dtypes, strides or alignment";
+using aot::cdiv;
 
 // `t` itself when its start is 16-byte aligned (what every compiled variant assumes of a pointer, as Triton's
 // launcher assumes of torch's allocations), else a copy: an odd view costs a copy, never a wrong result.
@@ -68,22 +66,22 @@ void launch_amax_and_cast(const Tensor& x, const Tensor& amax, const Tensor& ama
   aot::Fp8AmaxArgs a{x, amax, amax_col, R, C, x.stride(0), x.stride(1)};
   const auto av = aot::values(a);
   std::initializer_list<aot::Constexpr> amax_flags = {{"MODE", mode}};
-  const aot::Variant* va = aot::find(aot::kFp8AmaxKernel, arch, amax_flags, av.data(), av.size());
-  if (va == nullptr) no_cubin(aot::kFp8AmaxKernel, arch, amax_flags);
+  const aot::Variant& va =
+      aot::require(aot::kFp8AmaxKernel, arch, amax_flags, av.data(), av.size(), kTritonOverride, kUnserved);
 
   aot::Fp8CastArgs c{x, amax, amax_col, q, q_t, scale, scale_col, R, C, x.stride(0), x.stride(1)};
   const auto cv = aot::values(c);
   std::initializer_list<aot::Constexpr> cast_flags = {{"MODE", mode},           {"POW2", power_of_2},
                                                       {"MANT_BITS", f.mant_bits}, {"MIN_EXP", f.min_exp},
                                                       {"WRITE_MAIN", write_main}, {"WRITE_T", write_t}};
-  const aot::Variant* vc = aot::find(aot::kFp8CastKernel, arch, cast_flags, cv.data(), cv.size());
-  if (vc == nullptr) no_cubin(aot::kFp8CastKernel, arch, cast_flags);
+  const aot::Variant& vc =
+      aot::require(aot::kFp8CastKernel, arch, cast_flags, cv.data(), cv.size(), kTritonOverride, kUnserved);
 
-  aot::launch(*va, device, stream, {static_cast<uint32_t>(cdiv(R, aot::constexpr_of(*va, "BLOCK_R"))), 1u, 1u},
+  aot::launch(va, device, stream, {static_cast<uint32_t>(cdiv(R, aot::constexpr_of(va, "BLOCK_R"))), 1u, 1u},
               av.data(), av.size());
-  aot::launch(*vc, device, stream,
-              {static_cast<uint32_t>(cdiv(R, aot::constexpr_of(*vc, "BLOCK_R"))),
-               static_cast<uint32_t>(cdiv(C, aot::constexpr_of(*vc, "BLOCK_C"))), 1u},
+  aot::launch(vc, device, stream,
+              {static_cast<uint32_t>(cdiv(R, aot::constexpr_of(vc, "BLOCK_R"))),
+               static_cast<uint32_t>(cdiv(C, aot::constexpr_of(vc, "BLOCK_C"))), 1u},
               cv.data(), cv.size());
 }
 
@@ -166,10 +164,10 @@ Tensor aot_fp8_matmul(const Tensor& a_in, const Tensor& b_in, const Tensor& scal
                           out.stride(0), out.stride(1), sa.numel() > 1 ? 1 : 0, sb.numel() > 1 ? 1 : 0};
   const auto values = aot::values(args);
   std::initializer_list<aot::Constexpr> flags = {{"FAST_ACCUM", use_fast_accum}};
-  const aot::Variant* v = aot::find(aot::kFp8MatmulKernel, arch, flags, values.data(), values.size());
-  if (v == nullptr) no_cubin(aot::kFp8MatmulKernel, arch, flags);
-  const int64_t tiles = cdiv(M, aot::constexpr_of(*v, "BLOCK_M")) * cdiv(N, aot::constexpr_of(*v, "BLOCK_N"));
-  aot::launch(*v, device, c10::cuda::getCurrentCUDAStream(device).stream(), {static_cast<uint32_t>(tiles), 1u, 1u},
+  const aot::Variant& v =
+      aot::require(aot::kFp8MatmulKernel, arch, flags, values.data(), values.size(), kTritonOverride, kUnserved);
+  const int64_t tiles = cdiv(M, aot::constexpr_of(v, "BLOCK_M")) * cdiv(N, aot::constexpr_of(v, "BLOCK_N"));
+  aot::launch(v, device, c10::cuda::getCurrentCUDAStream(device).stream(), {static_cast<uint32_t>(tiles), 1u, 1u},
               values.data(), values.size());
   return out;
 }

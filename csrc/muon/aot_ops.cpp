@@ -31,13 +31,7 @@ void check_operand(const Tensor& t, const char* name, const Tensor& like) {
               t.scalar_type(), ", expected ", like.scalar_type());
 }
 
-[[noreturn]] void no_cubin(const char* kernel, const std::string& arch, std::initializer_list<aot::Constexpr> f) {
-  TORCH_CHECK(false, "nanotrain: no ahead-of-time cubin serves ", aot::describe_call(kernel, arch, f),
-              " for this call's dtype, strides or alignment; the triton backend serves it "
-              "(NANOTRAIN_KERNELS=muon=triton)");
-}
-
-int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
+using aot::cdiv;
 
 // out = alpha * P @ S^T + beta * Z + gamma * I, for a result known to be symmetric (see sym_matmul).
 void aot_sym_matmul(const Tensor& P, const Tensor& S, const Tensor& out, double alpha, const std::optional<Tensor>& Z,
@@ -68,10 +62,9 @@ void aot_sym_matmul(const Tensor& P, const Tensor& S, const Tensor& out, double 
   const auto values = aot::values(args);
   const std::string arch = aot::device_arch(device);
   std::initializer_list<aot::Constexpr> flags = {{"HAS_Z", Z.has_value()}, {"HAS_I", gamma != 0.0}};
-  const aot::Variant* v = aot::find(aot::kSymMatmulKernel, arch, flags, values.data(), values.size());
-  if (v == nullptr) no_cubin(aot::kSymMatmulKernel, arch, flags);
-  const int64_t T = cdiv(M, aot::constexpr_of(*v, "BLOCK_M"));
-  aot::launch(*v, device, c10::cuda::getCurrentCUDAStream(device).stream(),
+  const aot::Variant& v = aot::require(aot::kSymMatmulKernel, arch, flags, values.data(), values.size(), "muon=triton");
+  const int64_t T = cdiv(M, aot::constexpr_of(v, "BLOCK_M"));
+  aot::launch(v, device, c10::cuda::getCurrentCUDAStream(device).stream(),
               {static_cast<uint32_t>(T * (T + 1) / 2), static_cast<uint32_t>(B), 1u}, values.data(), values.size());
 }
 
@@ -95,10 +88,10 @@ void aot_axpby_matmul(const Tensor& Bm, const Tensor& X, const Tensor& out, std:
   const auto values = aot::values(args);
   const std::string arch = aot::device_arch(device);
   std::initializer_list<aot::Constexpr> flags = {{"ADD_X", alpha.has_value()}};
-  const aot::Variant* v = aot::find(aot::kAxpbyMatmulKernel, arch, flags, values.data(), values.size());
-  if (v == nullptr) no_cubin(aot::kAxpbyMatmulKernel, arch, flags);
-  const int64_t tiles = cdiv(M, aot::constexpr_of(*v, "BLOCK_M")) * cdiv(N, aot::constexpr_of(*v, "BLOCK_N"));
-  aot::launch(*v, device, c10::cuda::getCurrentCUDAStream(device).stream(),
+  const aot::Variant& v =
+      aot::require(aot::kAxpbyMatmulKernel, arch, flags, values.data(), values.size(), "muon=triton");
+  const int64_t tiles = cdiv(M, aot::constexpr_of(v, "BLOCK_M")) * cdiv(N, aot::constexpr_of(v, "BLOCK_N"));
+  aot::launch(v, device, c10::cuda::getCurrentCUDAStream(device).stream(),
               {static_cast<uint32_t>(tiles), static_cast<uint32_t>(Bn), 1u}, values.data(), values.size());
 }
 
@@ -147,12 +140,11 @@ void run(const char* kernel, const Tensor& on, std::initializer_list<aot::Conste
   c10::cuda::CUDAGuard guard(on.device());
   const int device = on.get_device();
   const std::string arch = aot::device_arch(device);
-  const aot::Variant* v = aot::find(kernel, arch, flags, values.data(), static_cast<int>(N));
-  TORCH_CHECK(v != nullptr, "nanotrain: no ahead-of-time cubin serves ", aot::describe_call(kernel, arch, flags),
-              " for this call's shape, dtype, strides or alignment (kernels/_aot.py MUON_STEP_VARIANTS lists the "
-              "compiled blocks); the triton backend serves it (NANOTRAIN_KERNELS=muon_update=triton)");
+  const aot::Variant& v = aot::require(kernel, arch, flags, values.data(), static_cast<int>(N), "muon_update=triton",
+                                        "shape, dtype, strides or alignment (kernels/_aot.py MUON_STEP_VARIANTS "
+                                        "lists the compiled blocks)");
   TORCH_CHECK(grid_x <= INT32_MAX, "nanotrain: ", kernel, " grid of ", grid_x, " programs is too large");
-  aot::launch(*v, device, c10::cuda::getCurrentCUDAStream(device).stream(),
+  aot::launch(v, device, c10::cuda::getCurrentCUDAStream(device).stream(),
               {static_cast<uint32_t>(grid_x), static_cast<uint32_t>(grid_y), 1u}, values.data(), static_cast<int>(N));
 }
 
