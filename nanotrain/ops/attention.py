@@ -333,10 +333,17 @@ def triton_attention_decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_s
 
     q: (B, Tq, H, D); k_cache/v_cache: (B, Tmax, Hkv, D); cache_seqlens: (B,) int -> (B, Tq, H, D).
     """
+    return _call_decode_op(_triton_attention_decode, q, k_cache, v_cache, cache_seqlens, window, scale)
+
+
+def _call_decode_op(op: Callable[..., Tensor], q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seqlens: Tensor,
+                    window: int | None, scale: float | None) -> Tensor:
+    """A fused decode backend's custom op on checked arguments: the window (>= 1, or None) and the scale
+    (1/sqrt(D) by default), as every decode backend takes them."""
     if window is not None and window < 1:
         raise ValueError(f"attention_decode: window must be >= 1 (or None for full causal), got {window}")
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    return _triton_attention_decode(q, k_cache, v_cache, cache_seqlens, window, scale)
+    return op(q, k_cache, v_cache, cache_seqlens, window, scale)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -451,10 +458,7 @@ def aot_attention_decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seql
 
     q: (B, Tq, H, D); k_cache/v_cache: (B, Tmax, Hkv, D); cache_seqlens: (B,) int -> (B, Tq, H, D).
     """
-    if window is not None and window < 1:
-        raise ValueError(f"attention_decode: window must be >= 1 (or None for full causal), got {window}")
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    return _aot_attention_decode(q, k_cache, v_cache, cache_seqlens, window, scale)
+    return _call_decode_op(_aot_attention_decode, q, k_cache, v_cache, cache_seqlens, window, scale)
 
 
 registry.register_self_check("attention", self_check, _CASES)
